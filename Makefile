@@ -1,0 +1,50 @@
+# peftcli — `make demo` and `make test` work on a fresh machine, offline: they run `setup` first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch comes first and pinned, so the rest of the stack never pulls a different (CUDA) build.
+# On a GPU machine: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.peftcli-installed
+TINY := models/tiny
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-gpu bench clean help
+
+help:
+	@echo "make setup     create $(VENV), install torch ($(TORCH)) then peftcli[dev]"
+	@echo "make demo      build a tiny model, train, eval, merge (offline, ~2 min on CPU)"
+	@echo "make test      the CPU test suite (offline, < 10 min)"
+	@echo "make test-gpu  tests marked gpu (needs CUDA)"
+	@echo "make clean     remove runs, models and the virtual environment"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+# Always reinstall on an explicit `make setup` (e.g. with another TORCH=...).
+setup:
+	@rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP)
+
+$(TINY)/config.json: $(STAMP) scripts/make_tiny_model.py
+	$(BIN)/python scripts/make_tiny_model.py $(TINY)
+
+demo: $(STAMP) $(TINY)/config.json
+	$(BIN)/peftcli train recipes/demo.yaml --overwrite
+	$(BIN)/peftcli eval runs/demo
+	$(BIN)/peftcli merge runs/demo --out merged/demo --force
+	@echo
+	@echo "Demo done. Report: runs/demo/report.md   Merged model: merged/demo/"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs merged models $(VENV) .pytest_cache

@@ -1,0 +1,149 @@
+"""The `peftcli` command line. Each command parses its arguments, loads a recipe or a run, calls one
+stage, and maps errors to exit codes (0 ok, 1 bug or failed check, 2 user error, 130/143 signal).
+
+This module must not import torch at import time: `peftcli --help` and `peftcli validate` stay
+instant because stages are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import typer
+
+from peftcli import console
+from peftcli.errors import EXIT_BUG, EXIT_USER, CheckFailed, Interrupted, UserError
+
+app = typer.Typer(
+    name="peftcli",
+    help="Fine-tune causal LMs with parameter-efficient methods (LoRA, QLoRA, DoRA, IA3, ...) from one YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
+SetOpt = typer.Option(
+    [], "--set", help="Override a recipe key before validation, e.g. --set training.learning_rate=1e-4 (repeatable).",
+    metavar="KEY=VALUE",
+)
+
+
+def _load(recipe: Path, overrides: list[str]):
+    from peftcli.recipe import load_recipe
+
+    return load_recipe(recipe, overrides)
+
+
+@app.command()
+def validate(recipe: Path = RecipeArg, set_: list[str] = SetOpt) -> None:
+    """Check a recipe and print it resolved (defaults filled, overrides applied, paths absolute).
+
+    [dim]Example: peftcli validate recipes/demo.yaml --set peft.r=16[/]
+    """
+    from peftcli.recipe import recipe_to_yaml
+    from peftcli.summary import describe_recipe
+
+    resolved = _load(recipe, set_)
+    console.out.print(recipe_to_yaml(resolved), markup=False)
+    for line in describe_recipe(resolved):
+        console.err.print(line, markup=False)
+    console.err.print("recipe is valid", style="green")
+
+
+@app.command()
+def train(
+    recipe: Path = RecipeArg,
+    set_: list[str] = SetOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in output.dir first."),
+) -> None:
+    """Train an adapter as the recipe says and write the run directory.
+
+    [dim]Example: peftcli train recipes/demo.yaml --set training.max_steps=50[/]
+    """
+    resolved = _load(recipe, set_)
+    from peftcli.train import run_training
+
+    outcome = run_training(resolved, overwrite=overwrite, console=console.err)
+    metrics = outcome.run_dir / "metrics.json"
+    console.out.print(f"run written to {outcome.run_dir} (report: {outcome.run_dir / 'report.md'}, metrics: {metrics})")
+
+
+@app.command("eval")
+def evaluate(
+    run: Path = typer.Argument(..., help="Run directory written by `peftcli train`.", show_default=False),
+    data: Path = typer.Option(None, "--data", help="Evaluate on this file instead of the run's eval data."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per forward pass."),
+) -> None:
+    """Compare base and tuned model on held-out data: loss, perplexity, token accuracy.
+
+    [dim]Example: peftcli eval runs/demo --data recipes/data/demo_eval.jsonl[/]
+    """
+    from peftcli.evaluate import run_eval
+
+    run_eval(run, data_path=data, batch_size=batch_size)
+
+
+@app.command()
+def merge(
+    run: Path = typer.Argument(..., help="Run directory written by `peftcli train`.", show_default=False),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged model.", show_default=False),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float16 | float32 (saved weights)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
+) -> None:
+    """Fold the adapter into the base weights, verify logits on a probe batch, save a plain HF model.
+
+    [dim]Example: peftcli merge runs/demo --out merged/demo[/]
+    """
+    from peftcli.merge import run_merge
+
+    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype {dtype!r}: expected auto, bfloat16, float16 or float32")
+    run_merge(run, out, dtype=dtype, force=force)
+
+
+def _debug() -> bool:
+    return os.environ.get("PEFTCLI_DEBUG", "") not in ("", "0")
+
+
+def _print_error(message: str, hint: str | None) -> None:
+    console.err.print(f"error: {message}", markup=False, style="red")
+    if hint:
+        console.err.print(f"hint: {hint}", markup=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app and turn exceptions into exit codes."""
+    import click
+
+    if not _debug():
+        # Library deprecation chatter is not actionable for our users; PEFTCLI_DEBUG=1 shows it.
+        warnings.filterwarnings("ignore")
+    try:
+        app(args=argv, prog_name="peftcli", standalone_mode=False)
+    except (UserError, CheckFailed, Interrupted) as exc:
+        if _debug():
+            raise
+        _print_error(exc.message, exc.hint)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USER)
+    except (click.Abort, KeyboardInterrupt):
+        console.err.print("interrupted", style="yellow")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last resort: a bug, shown as one line unless debugging
+        if _debug():
+            raise
+        _print_error(
+            f"unexpected {exc.__class__.__name__}: {exc}",
+            "this is a bug in peftcli; rerun with PEFTCLI_DEBUG=1 for the traceback and report it",
+        )
+        sys.exit(EXIT_BUG)

@@ -1,0 +1,178 @@
+"""The data stage, top to bottom: read sources -> normalise rows -> mix -> split -> tokenize + mask ->
+fit to max_length. Produces exactly the `input_ids`/`labels` the trainer receives, plus statistics.
+
+`peftcli data preview` and `peftcli train` both call `prepare_data`, so what the preview shows is
+what the model trains on.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from peftcli.data.encode import Encoded, encode, fit_length
+from peftcli.data.formats import BadRowError, Example, check_columns, detect_format, rename_columns, to_example
+from peftcli.data.sources import BadRow, Row, read_source
+from peftcli.data.templates import ChatTemplate, resolve_template
+from peftcli.errors import UserError
+from peftcli.recipe import DataSection, DataSource
+
+_SHOWN_ROWS = 5  # how many skipped row numbers a report lists per reason
+
+
+@dataclass
+class SplitStats:
+    """Counts for one split; lands in metrics.json under `data`."""
+
+    rows: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    skipped: int = 0
+    skipped_reasons: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few origins
+    formats: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, origin: str, reason: str) -> None:
+        self.skipped += 1
+        shown = self.skipped_reasons.setdefault(reason, [])
+        if len(shown) < _SHOWN_ROWS:
+            shown.append(origin)
+
+
+@dataclass
+class PreparedData:
+    train: list[Encoded]
+    eval: list[Encoded]
+    template: ChatTemplate | None
+    train_stats: SplitStats
+    eval_stats: SplitStats
+
+
+@dataclass
+class _Examples:
+    """Examples read from a list of sources (one list per source), and what was skipped on the way."""
+
+    per_source: list[list[Example]]
+    stats: SplitStats
+
+
+def _read_examples(sources: list[DataSource], data: DataSection, key: str) -> _Examples:
+    stats = SplitStats()
+    per_source: list[list[Example]] = []
+    for index, source in enumerate(sources):
+        where = key if len(sources) == 1 else f"{key}[{index}]"
+        rows = read_source(source, where)
+        columns_map = source.columns if source.columns is not None else data.columns
+        good = [r for r in rows if isinstance(r, Row)]
+        if not good:
+            raise UserError(f"{where}: {source.path} has no usable rows", hint="check the file is not empty or all bad")
+        columns = list(rename_columns(good[0].values, columns_map))
+        fmt = source.format or data.format
+        if fmt == "auto":
+            fmt = detect_format(columns, f"{where} ({source.path})")
+        else:
+            check_columns(fmt, columns, f"{where} ({source.path})")
+        examples = []
+        for row in rows:
+            try:
+                if isinstance(row, BadRow):
+                    raise BadRowError(row.reason)
+                examples.append(to_example(fmt, rename_columns(row.values, columns_map), row.origin))
+            except BadRowError as exc:
+                origin = row.origin
+                if data.bad_rows == "error":
+                    raise UserError(
+                        f"{where}: {origin}: {exc}",
+                        hint="fix the row, or set data.bad_rows: skip to skip and count bad rows",
+                    ) from None
+                stats.skip(origin, str(exc))
+        stats.formats[fmt] = stats.formats.get(fmt, 0) + len(examples)
+        per_source.append(examples)
+    return _Examples(per_source, stats)
+
+
+def _mix(per_source: list[list[Example]], sources: list[DataSource], seed: int) -> list[Example]:
+    """Combine sources. With weights, source i contributes weight_i / sum(weights) of the mix (same
+    total size as all sources together), sampled without replacement while it has rows, then repeated."""
+    if len(per_source) == 1 or all(s.weight is None for s in sources):
+        return [e for examples in per_source for e in examples]
+    rng = random.Random(seed)
+    weights = [s.weight if s.weight is not None else 1.0 for s in sources]
+    total = sum(len(examples) for examples in per_source)
+    mixed: list[Example] = []
+    for examples, weight in zip(per_source, weights):
+        want = round(total * weight / sum(weights))
+        order = examples[:]
+        rng.shuffle(order)
+        mixed.extend(order[i % len(order)] for i in range(want))
+    rng.shuffle(mixed)
+    return mixed
+
+
+def _needs_chat(per_source: list[list[Example]]) -> bool:
+    return any(e.is_chat for examples in per_source for e in examples)
+
+
+def _encode_all(
+    examples: list[Example], tokenizer, data: DataSection, stats: SplitStats, key: str
+) -> list[Encoded]:
+    out: list[Encoded] = []
+    for example in examples:
+        try:
+            item = encode(tokenizer, example, data.train_on)
+        except BadRowError as exc:
+            if data.bad_rows == "error":
+                raise UserError(f"{key}: {example.origin}: {exc}", hint="or set data.bad_rows: skip") from None
+            stats.skip(example.origin, str(exc))
+            continue
+        if len(item.input_ids) > data.max_length and data.overlong == "error":
+            raise UserError(
+                f"{key}: {example.origin}: {len(item.input_ids)} tokens, over data.max_length {data.max_length}",
+                hint="raise data.max_length, or set data.overlong: truncate | drop",
+            )
+        fitted = fit_length(item, data.max_length, data.overlong)
+        if fitted is None:
+            stats.dropped += 1
+            continue
+        stats.truncated += fitted.truncated
+        stats.rows += 1
+        stats.tokens += len(fitted.input_ids)
+        stats.trained_tokens += fitted.trained_tokens
+        out.append(fitted)
+    if not out:
+        raise UserError(
+            f"{key}: no usable examples left (dropped {stats.dropped}, skipped {stats.skipped})",
+            hint="check data.max_length and data.overlong, or the data itself",
+        )
+    return out
+
+
+def prepare_data(data: DataSection, tokenizer, seed: int, eval_only: list[DataSource] | None = None) -> PreparedData:
+    """Everything the trainer (or `eval --data`) needs from the data section."""
+    train_read = None if eval_only else _read_examples(data.train, data, "data.train")
+    eval_sources = eval_only or data.eval
+    eval_read = _read_examples(eval_sources, data, "data.eval") if eval_sources else None
+
+    chat = any(r is not None and _needs_chat(r.per_source) for r in (train_read, eval_read))
+    template = resolve_template(data.chat_template, tokenizer) if chat or data.chat_template != "auto" else None
+
+    train_examples: list[Example] = []
+    eval_examples: list[Example] = []
+    eval_stats = eval_read.stats if eval_read else SplitStats()
+    if train_read is not None:
+        train_examples = _mix(train_read.per_source, data.train, seed)
+        if data.eval_split is not None:
+            order = train_examples[:]
+            random.Random(seed).shuffle(order)
+            held = max(1, round(len(order) * data.eval_split))
+            if held >= len(order):
+                raise UserError(f"data.eval_split {data.eval_split} leaves no training rows ({len(order)} rows in all)")
+            eval_examples, train_examples = order[:held], order[held:]
+    if eval_read is not None:
+        eval_examples = [e for examples in eval_read.per_source for e in examples]
+
+    train_stats = train_read.stats if train_read else SplitStats()
+    train = _encode_all(train_examples, tokenizer, data, train_stats, "data.train") if train_read else []
+    evaluation = _encode_all(eval_examples, tokenizer, data, eval_stats, "data.eval") if eval_examples else []
+    return PreparedData(train, evaluation, template, train_stats, eval_stats)

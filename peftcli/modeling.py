@@ -1,0 +1,184 @@
+"""Loading the tokenizer and the base model: dtype, device, optional bitsandbytes quantization.
+
+This is the only module that builds a `BitsAndBytesConfig`. Every failure a user can cause here
+(a path that does not exist, a folder without config.json, code that needs trust_remote_code,
+bitsandbytes that cannot run) becomes a one-line UserError before any weight is read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+from peftcli.errors import UserError
+from peftcli.recipe import ModelSection, QuantizationSection
+
+
+def quiet_libraries() -> None:
+    """Silence third-party start-up chatter that says nothing actionable to our users."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "failed to load CPU gemm kernel", etc.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def compute_dtype(dtype: str):
+    """`auto` = bfloat16 on a CUDA GPU that supports it, float32 otherwise (CPU, older GPUs)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if has_cuda() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def is_local(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or Path(name).exists()
+
+
+def check_model_source(model: ModelSection) -> None:
+    """Fail early, with the path, when a local model folder is missing or incomplete."""
+    if not is_local(model.name):
+        return  # a hub id: transformers reports what it can
+    path = Path(model.name)
+    if not path.exists():
+        raise UserError(f"model.name: {path} does not exist", hint="relative paths resolve against the recipe's folder")
+    if not path.is_dir():
+        raise UserError(f"model.name: {path} is a file; expected a model folder with config.json")
+    if not (path / "config.json").exists():
+        raise UserError(f"model.name: {path} has no config.json; is it a Hugging Face model folder?")
+    tokenizer_dir = Path(model.tokenizer) if model.tokenizer else path
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((tokenizer_dir / n).exists() for n in names):
+        raise UserError(
+            f"model: no tokenizer files in {tokenizer_dir}",
+            hint="save the tokenizer beside the model, or point model.tokenizer at one",
+        )
+
+
+def read_config(model: ModelSection) -> dict:
+    """config.json of a local model as a dict (no torch), or {} for a hub id."""
+    if is_local(model.name) and (Path(model.name) / "config.json").exists():
+        return json.loads((Path(model.name) / "config.json").read_text(encoding="utf-8"))
+    return {}
+
+
+def check_quantization(quant: QuantizationSection | None) -> None:
+    if quant is None:
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f"quantization: {quant.bits}-bit needs bitsandbytes, which is not installed",
+            hint="pip install bitsandbytes, or remove the quantization section",
+        )
+    try:
+        import bitsandbytes  # noqa: F401 - importing is the check: it fails where the library cannot run
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(
+            f"quantization: bitsandbytes cannot run here ({exc.__class__.__name__}: {exc})",
+            hint="remove the quantization section to train in full precision",
+        ) from None
+
+
+def _hub_error(what: str, name: str, exc: Exception) -> UserError:
+    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    if "trust_remote_code" in text:
+        return UserError(
+            f"{what}: {name} ships its own model code, which runs only with model.trust_remote_code: true",
+            hint="read that code first; then set model.trust_remote_code: true",
+        )
+    return UserError(
+        f"{what}: cannot load '{name}': {text[:240]}",
+        hint="a local folder needs config.json + weights; a hub id needs network access (and HF_TOKEN if gated)",
+    )
+
+
+def load_tokenizer(model: ModelSection, path: str | None = None):
+    """The tokenizer, with a pad token guaranteed (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    name = path or model.tokenizer or model.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad source
+        raise _hub_error("model.tokenizer" if model.tokenizer else "model.name", name, exc) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"tokenizer of {name} is not a fast tokenizer; loss masks need token offsets")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer of {name} has neither a pad nor an EOS token")
+        # Padding never carries loss (labels are -100 there), so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bnb_config(quant: QuantizationSection, dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_model(model: ModelSection, quant: QuantizationSection | None = None, dtype=None):
+    """The base model in its compute dtype, quantized when `quant` is given, on the GPU if there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_quantization(quant)
+    dtype = dtype or compute_dtype(model.dtype)
+    kwargs = dict(dtype=dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    if model.attn_implementation != "auto":
+        kwargs["attn_implementation"] = model.attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = bnb_config(quant, dtype)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model.name, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_error("model.name", model.name, exc) from None
+    if quant is None and torch.cuda.is_available():
+        loaded = loaded.to("cuda")
+    return loaded
+
+
+def prepare_for_training(model, quant: QuantizationSection | None, gradient_checkpointing: bool):
+    """k-bit preparation for quantized bases (norms in fp32, input grads enabled)."""
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.config.use_cache = False  # the KV cache is useless (and wasteful) while training
+    return model

@@ -1,0 +1,290 @@
+"""Reading a recipe: YAML (safe loader, duplicate keys refused), `--set` overrides, path resolution,
+validation, and pydantic errors turned into one readable line that names the key and its line.
+
+Relative paths written in a recipe file resolve against the recipe's folder, so a recipe runs the
+same from any working directory; paths given with `--set` resolve against the current directory,
+where the user typed them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from peftcli.errors import UserError
+from peftcli.recipe.schema import Recipe
+
+# Suffixes that mark a string as a local file even when it does not exist (so the user gets
+# "file not found" instead of a hub lookup).
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".jinja", ".yaml", ".yml")
+
+
+@dataclass
+class RawRecipe:
+    """The recipe as plain data, plus where each key came from (for error messages)."""
+
+    data: dict[str, Any]
+    path: Path
+    lines: dict[tuple[str, ...], int] = field(default_factory=dict)
+    overridden: set[tuple[str, ...]] = field(default_factory=set)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, which YAML would otherwise silently resolve to the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(
+                    f"line {key_node.start_mark.line + 1}: duplicate key '{key}' "
+                    f"(first set on line {seen[key] + 1})",
+                    hint="YAML keeps only the last value; delete one of them",
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _line_index(node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each key path to its 1-based line in the file, so errors can point at it."""
+    index: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, str(key_node.value))
+            index[path] = key_node.start_mark.line + 1
+            index.update(_line_index(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            index.update(_line_index(item, (*prefix, str(i))))
+    return index
+
+
+def read_yaml(path: Path) -> RawRecipe:
+    if not path.exists():
+        raise UserError(f"recipe file not found: {path}", hint="check the path, or run `peftcli init` for a starter")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a recipe file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {exc.start})", hint="a recipe is a YAML text file")
+    try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except UserError as exc:
+        raise UserError(f"{path}: {exc.message}", hint=exc.hint) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{path}: YAML syntax error at {where}{problem}", hint="check indentation and quoting") from None
+    if data is None:
+        raise UserError(f"{path}: the recipe is empty", hint="it needs at least model.name and data.train")
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{path}: a recipe is a mapping of sections (model, peft, data, ...), not a {type(data).__name__}",
+        )
+    return RawRecipe(data=data, path=path, lines=_line_index(node))
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """`a.b=c` -> (("a", "b"), c) with c parsed as YAML, so numbers, lists and null work."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-4")
+    parts = tuple(p.strip() for p in key.strip().split("."))
+    if any(not p for p in parts):
+        raise UserError(f"--set {key!r}: empty key part; use dotted keys like training.batch_size")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"--set {key}: cannot parse the value as YAML", hint="quote strings that contain ':' or '#'")
+    return parts, parsed
+
+
+def apply_overrides(raw: RawRecipe, overrides: list[str], cwd: Path) -> None:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw.data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise UserError(f"--set {'.'.join(parts)}: '{where}' is a value, not a section")
+            node = child
+        node[parts[-1]] = _resolve_paths_at(parts, value, cwd)
+        raw.overridden.add(parts)
+
+
+# --- paths -------------------------------------------------------------------------------------
+
+
+def _localize(value: Any, base: Path, always: bool = False) -> Any:
+    """Make a local path absolute; leave hub ids ("org/name") alone."""
+    if not isinstance(value, str) or not value:
+        return value
+    expanded = os.path.expanduser(value)
+    candidate = Path(expanded) if os.path.isabs(expanded) else base / expanded
+    looks_local = always or value.startswith((".", "/", "~")) or value.endswith(_LOCAL_SUFFIXES)
+    if looks_local or candidate.exists() or any(ch in value for ch in "*?["):
+        return str(candidate.resolve()) if candidate.exists() else os.path.normpath(str(candidate))
+    return value
+
+
+def _localize_sources(value: Any, base: Path) -> Any:
+    if isinstance(value, list):
+        return [_localize_sources(item, base) for item in value]
+    if isinstance(value, dict) and "path" in value:
+        return {**value, "path": _localize(value["path"], base)}
+    return _localize(value, base)
+
+
+def _resolve_paths_at(parts: tuple[str, ...], value: Any, base: Path) -> Any:
+    """Resolve `value` if the key at `parts` holds a path (or a section containing paths)."""
+    if len(parts) == 1 and isinstance(value, dict):
+        return {k: _resolve_paths_at((parts[0], k), v, base) for k, v in value.items()}
+    key = ".".join(parts)
+    if key in ("model.name", "model.tokenizer"):
+        return _localize(value, base)
+    if key in ("data.train", "data.eval"):
+        return _localize_sources(value, base)
+    if key == "data.chat_template" and isinstance(value, str) and value.endswith(".jinja"):
+        return _localize(value, base, always=True)
+    if key in ("output.dir", "eval.reference"):
+        return _localize(value, base, always=True)
+    return value
+
+
+def resolve_recipe_paths(raw: RawRecipe) -> None:
+    base = raw.path.resolve().parent
+    for section, body in list(raw.data.items()):
+        if isinstance(section, str):
+            raw.data[section] = _resolve_paths_at((section,), body, base)
+
+
+# --- validation and error messages -------------------------------------------------------------
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the keys at `loc` (for 'did you mean' suggestions)."""
+    from peftcli.methods import REGISTRY
+
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is Recipe and part == "peft":
+            return None
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            if part in REGISTRY:  # discriminated union branch
+                model = REGISTRY[part].spec
+                continue
+            return None
+        model = _unwrap_model(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(error: dict, raw: RawRecipe) -> str:
+    from peftcli.methods import REGISTRY
+
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    # Drop the discriminator tag pydantic inserts for the peft union: peft.ia3.alpha -> peft.alpha
+    method = None
+    if loc and loc[0] == "peft":
+        peft = raw.data.get("peft")
+        method = peft.get("method", "lora") if isinstance(peft, dict) else None
+        if len(loc) >= 2 and loc[1] in REGISTRY:
+            loc = (loc[0], *loc[2:])
+    key = _dotted(loc)
+    line = raw.lines.get(tuple(str(p) for p in loc))
+    origin = " (from --set)" if tuple(str(p) for p in loc) in raw.overridden else ""
+    where = f"line {line}: " if line and not origin else ""
+
+    if kind == "extra_forbidden":
+        name = str(loc[-1])
+        parent = loc[:-1]
+        if method in REGISTRY and len(loc) == 2:
+            keys = list(REGISTRY[method].keys())
+            close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+            guess = f"did you mean '{close[0]}'? " if close else ""
+            return (
+                f"{where}peft.{name}{origin}: '{name}' is not a key of peft.method '{method}'; "
+                f"{guess}{method} takes: {', '.join(keys)}"
+            )
+        owner = _model_at(parent) if parent else Recipe
+        valid = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        section = f"section '{_dotted(parent)}'" if parent else "the recipe (top level)"
+        what = "unknown section" if not parent else "unknown key"
+        guess = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        return f"{where}{key}{origin}: {what} '{name}' in {section}{guess}"
+    if kind == "union_tag_invalid":
+        given = error.get("input", {}).get("method") if isinstance(error.get("input"), dict) else None
+        close = difflib.get_close_matches(str(given), list(REGISTRY), n=1)
+        guess = f"; did you mean '{close[0]}'?" if close else ""
+        line = raw.lines.get(("peft", "method"))
+        where = f"line {line}: " if line else ""
+        return f"{where}peft.method: unknown method '{given}'{guess} (methods: {', '.join(REGISTRY)})"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if not loc:
+        return message
+    given = error.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    return f"{where}{key}{origin}: {message}{shown}"
+
+
+def validate(raw: RawRecipe) -> Recipe:
+    try:
+        return Recipe.model_validate(raw.data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        lines = [_describe(e, raw) for e in errors]
+        more = f" (and {len(lines) - 1} more: {'; '.join(lines[1:])})" if len(lines) > 1 else ""
+        raise UserError(f"{raw.path.name}: {lines[0]}{more}", hint="`peftcli schema` lists every key") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path | None = None) -> Recipe:
+    """Read, override, resolve paths and validate a recipe. Raises UserError with one clear line."""
+    raw = read_yaml(Path(path))
+    resolve_recipe_paths(raw)
+    apply_overrides(raw, overrides or [], cwd or Path.cwd())
+    recipe = validate(raw)
+    if recipe.output.dir is None:
+        recipe.output.dir = str((cwd or Path.cwd()) / "runs" / Path(path).stem)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

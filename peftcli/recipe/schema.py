@@ -1,0 +1,150 @@
+"""The recipe: one pydantic model per section of the public recipe contract.
+
+Section and key names are the public interface (see README "Recipe reference"); add keys freely,
+rename none. Every section forbids unknown keys so a typo is an error, not a silently ignored
+setting. Checks that need two keys at once live in `_cross_checks` so they run before any model
+loads.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from peftcli.methods import PeftSpec
+from peftcli.methods.lora import LoraSpec
+from peftcli.spec import OpenFraction, PositiveFloat, PositiveInt, Probability, Strict
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
+class ModelSection(Strict):
+    name: str = Field(description="Local directory or hub id of the base causal LM.")
+    dtype: DType = Field("auto", description="auto = bfloat16 on a CUDA GPU that supports it, else float32.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: str | None = Field(None, description="Tokenizer path or id when it differs from `name`.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto", description="Attention kernel; auto lets transformers pick."
+    )
+
+
+class QuantizationSection(Strict):
+    bits: Literal[4, 8] = Field(description="Load the base in 4 or 8 bits with bitsandbytes.")
+    quant_type: Literal["nf4", "fp4"] | None = Field(None, description="4-bit data type (default nf4).")
+    double_quant: bool | None = Field(None, description="Quantise the 4-bit scales too (default true).")
+
+    @model_validator(mode="after")
+    def _four_bit_keys(self) -> QuantizationSection:
+        if self.bits == 8:
+            for key in ("quant_type", "double_quant"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies to 4-bit only; remove it or set bits: 4")
+        else:
+            self.quant_type = self.quant_type or "nf4"
+            self.double_quant = True if self.double_quant is None else self.double_quant
+        return self
+
+
+class DataSource(Strict):
+    path: str = Field(description="Local file, directory or glob (.jsonl/.json/.csv/.parquet), or a hub id.")
+    format: Format | None = Field(None, description="Overrides data.format for this source.")
+    weight: PositiveFloat | None = Field(None, description="Mixing weight relative to the other sources.")
+    split: str = Field("train", description="Split of a hub dataset.")
+    subset: str | None = Field(None, description="Subset (config name) of a hub dataset.")
+    revision: str | None = Field(None, description="Revision of a hub dataset.")
+    columns: dict[str, str] | None = Field(None, description="Overrides data.columns for this source.")
+
+
+def _as_source_list(value: Any) -> Any:
+    """Accept `train: file.jsonl`, `train: {path: ...}` or a list of either; store a list of sources."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    return [{"path": item} if isinstance(item, str) else item for item in items]
+
+
+Sources = Annotated[list[DataSource], Field(min_length=1)]
+
+
+class DataSection(Strict):
+    train: Sources = Field(description="Training data: one source or a list of sources.")
+    eval: Sources | None = Field(None, description="Held-out data; or use eval_split.")
+    eval_split: OpenFraction | None = Field(None, description="Fraction of train held out for eval.")
+    format: Format = Field("auto", description="Row format; auto detects it from the columns.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map format fields onto your column names, e.g. {output: answer}."
+    )
+    chat_template: str = Field(
+        "auto", description="auto | chatml | llama3 | mistral | path to a .jinja file."
+    )
+    train_on: Literal["completions", "all", "last_turn"] = Field(
+        "completions", description="Which tokens carry loss."
+    )
+    max_length: PositiveInt = Field(1024, description="Tokens per example (or per packed row).")
+    packing: bool = Field(False, description="Pack several examples per row (no cross-attention).")
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with examples longer than max_length."
+    )
+    bad_rows: Literal["error", "skip"] = Field("error", description="Malformed rows: stop, or skip and count.")
+
+    _sources = field_validator("train", "eval", mode="before")(_as_source_list)
+
+
+class TrainingSection(Strict):
+    max_steps: PositiveInt | None = Field(None, description="Optimizer steps; or set epochs.")
+    epochs: PositiveFloat | None = Field(None, description="Passes over the data (default 1 if no max_steps).")
+    batch_size: PositiveInt = Field(4, description="Examples per device per step.")
+    gradient_accumulation: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    learning_rate: PositiveFloat = Field(2.0e-4, description="Peak learning rate.")
+    lr_scheduler: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+    ] = "linear"
+    warmup_ratio: Probability = Field(0.0, description="Fraction of steps spent warming up.")
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(ge=0)] = Field(1.0, description="Gradient clipping; 0 disables.")
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
+        "auto", description="auto = fused AdamW on CUDA, AdamW on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    seed: int = 42
+    logging_steps: PositiveInt = Field(1, description="Log the loss every N steps.")
+    save_steps: PositiveInt = Field(100, description="Write checkpoint-N every N steps (and at the end).")
+    save_total_limit: PositiveInt | None = Field(3, description="Keep at most this many checkpoints.")
+
+
+class OutputSection(Strict):
+    dir: str | None = Field(None, description="Run directory (default runs/<recipe name>).")
+
+
+class Recipe(Strict):
+    model: ModelSection
+    quantization: QuantizationSection | None = None
+    peft: PeftSpec = Field(default_factory=LoraSpec)  # type: ignore[valid-type]
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        data, training = self.data, self.training
+        if data.eval is not None and data.eval_split is not None:
+            raise ValueError("data.eval and data.eval_split both set; keep one")
+        if training.max_steps is not None and training.epochs is not None:
+            raise ValueError("training.max_steps and training.epochs both set; keep one")
+        if training.max_steps is None and training.epochs is None:
+            training.epochs = 1.0
+        from peftcli.methods import method_of
+
+        method = method_of(self.peft)
+        if self.quantization is not None and not method.quantized_base:
+            raise ValueError(
+                f"peft.method '{self.peft.method}' cannot train on a quantized base; remove the quantization section"
+            )
+        return self
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantization is not None

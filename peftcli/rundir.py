@@ -1,0 +1,146 @@
+"""The run directory contract: names of its artifacts, atomic writes, and opening a finished run.
+
+Every artifact is written to a temporary sibling and renamed into place, so an interrupted
+command leaves either the previous complete artifact or the new complete one, never a partial one
+that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftcli.errors import UserError
+
+ADAPTER = "adapter"
+RECIPE = "recipe.yaml"
+METRICS = "metrics.json"
+REPORT = "report.md"
+LOSS_PLOT = "loss.png"
+EVAL = "eval.json"
+TMP_PREFIX = ".tmp-"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + "-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished directory into place, replacing an older one."""
+    if target.exists():
+        old = target.with_name(f"{TMP_PREFIX}old-{target.name}-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `target`; on success it replaces `target`, on failure it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished (or interrupted) training run on disk."""
+
+    path: Path
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / RECIPE
+
+    def recipe(self):
+        from peftcli.recipe import Recipe
+
+        data = yaml.safe_load(self.recipe_file.read_text(encoding="utf-8"))
+        return Recipe.model_validate(data)
+
+    def metrics(self) -> dict:
+        path = self.path / METRICS
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def open_run(path: str | Path, need_adapter: bool = True) -> Run:
+    run = Run(Path(path).resolve())
+    if not run.path.is_dir():
+        raise UserError(f"{path}: no such run directory")
+    if not run.recipe_file.is_file():
+        raise UserError(
+            f"{path} is not a peftcli run (no {RECIPE})",
+            hint="pass the output.dir of a `peftcli train` run",
+        )
+    if need_adapter and not (run.adapter / "adapter_config.json").is_file():
+        raise UserError(
+            f"{path} has no trained adapter ({ADAPTER}/adapter_config.json missing)",
+            hint="the run did not finish; resume it with `peftcli train RECIPE --resume`",
+        )
+    return run
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into an existing one unless the user says so. Writes nothing."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output.dir: {path} exists and is a file")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(
+            f"output.dir: {path} already holds a run",
+            hint="add --resume to continue it, or --overwrite to start over (deletes it)",
+        )
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise UserError(f"output.dir: {existing} is a file, so {path} cannot be created inside it")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"output.dir: {existing} is not writable")
+
+
+def create_output_dir(path: Path, overwrite: bool) -> None:
+    check_output_dir(path, overwrite)
+    if path.is_dir() and overwrite:
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"output.dir: cannot create {path}: {exc.strerror}") from None

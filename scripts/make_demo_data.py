@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Write the demo dataset under recipes/data/ (committed; rerun to regenerate identically).
+
+The task is a small "calendar and counting assistant": what day or month comes before/after
+another, and small sums. The facts are few, so a tiny model learns them in a minute on CPU; the eval
+split asks the same facts in phrasings the training set never uses, so a better eval loss means the
+model learned the facts, not the sentences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+           "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
+SYSTEM = "You are a concise assistant. Answer with one word."
+
+# Phrasings per question kind: the last one of each list is held out for eval.
+ASK = {
+    "after": ["What comes after {x}?", "Which one follows {x}?", "Name the one after {x}.", "After {x} comes?"],
+    "before": ["What comes before {x}?", "Which one precedes {x}?", "Name the one before {x}.", "Before {x} comes?"],
+    "sum": ["What is {a} plus {b}?", "Add {a} and {b}.", "Sum of {a} and {b}?", "{a} plus {b} makes?"],
+}
+
+
+def facts():
+    for cycle in (DAYS, MONTHS):
+        for i, name in enumerate(cycle):
+            yield "after", {"x": name}, cycle[(i + 1) % len(cycle)]
+            yield "before", {"x": name}, cycle[(i - 1) % len(cycle)]
+    for a in range(10):
+        for b in range(10):
+            if a + b < len(NUMBERS):
+                yield "sum", {"a": NUMBERS[a], "b": NUMBERS[b]}, NUMBERS[a + b]
+
+
+def build(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(seed)
+    train, held_out = [], []
+    for kind, slots, answer in facts():
+        phrasings = ASK[kind]
+        for phrasing in phrasings[:-1]:
+            train.append(row(phrasing.format(**slots), answer, system=rng.random() < 0.5))
+        held_out.append(row(phrasings[-1].format(**slots), answer, system=True))
+    rng.shuffle(train)
+    rng.shuffle(held_out)
+    return train, held_out[:64]
+
+
+def row(question: str, answer: str, system: bool) -> dict:
+    messages = [{"role": "system", "content": SYSTEM}] if system else []
+    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "recipes" / "data")
+    args = parser.parse_args()
+    train, held_out = build()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("demo_train.jsonl", train), ("demo_eval.jsonl", held_out)):
+        with (args.out / name).open("w", encoding="utf-8") as handle:
+            for item in rows:
+                handle.write(json.dumps(item) + "\n")
+        print(f"wrote {len(rows)} rows to {args.out / name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""train -> eval -> merge on the tiny model, checked the way a user would check the artifacts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from conftest import base_recipe, read_json, write_recipe
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model):
+    """One LoRA run shared by the checks below (training is the expensive part)."""
+    from peftcli.cli import main
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    recipe = write_recipe(tmp / "recipe.yaml", base_recipe(tiny_model, tmp / "run", training={"max_steps": 30}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(recipe), "--set", "peft.r=4", "--set", "training.learning_rate=8e-3"])
+        raise SystemExit(0)
+    assert exit_info.value.code == 0
+    return tmp / "run"
+
+
+def test_run_directory_follows_the_contract(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"adapter", "recipe.yaml", "metrics.json", "report.md", "loss.png"} <= names
+    assert {"checkpoint-6", "checkpoint-30"} & names  # checkpoints are kept (save_total_limit 3)
+    assert not [n for n in names if n.startswith(".tmp-")]
+    metrics = read_json(trained_run / "metrics.json")
+    for key in ("trainable_params", "total_params", "train_loss", "loss_history", "eval_loss", "train_runtime_s",
+                "train_tokens_per_s", "peak_memory_mb", "device", "versions"):
+        assert metrics[key] is not None, key
+    assert metrics["status"] == "completed" and metrics["steps"] == 30
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert {"step", "loss"} == set(metrics["loss_history"][0])
+    assert "loss.png" in (trained_run / "report.md").read_text()
+
+
+def test_loss_goes_down(trained_run):
+    history = [h["loss"] for h in read_json(trained_run / "metrics.json")["loss_history"]]
+    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+
+
+def test_overrides_land_in_the_saved_recipe(trained_run):
+    saved = yaml.safe_load((trained_run / "recipe.yaml").read_text())
+    assert saved["peft"]["r"] == 4 and saved["training"]["learning_rate"] == 8e-3
+    assert saved["training"]["epochs"] is None and saved["data"]["format"] == "auto"
+
+
+def _probe(tokenizer):
+    batch = tokenizer(["What comes after Monday?", "Add two and three."], return_tensors="pt", padding=True)
+    return batch
+
+
+def test_adapter_reloads_in_plain_peft_with_identical_logits(trained_run, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_run / "adapter")
+    assert "<|im_start|>" in tokenizer.chat_template  # the template used in training travels with the adapter
+    tokenizer.pad_token = tokenizer.eos_token
+    probe = _probe(tokenizer)
+    first = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "adapter").eval()
+    second = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "adapter").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        a, b, c = (m(**probe).logits for m in (first, second, base))
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3  # the adapter really changes the model
+
+
+def test_eval_shows_tuned_beats_base(trained_run, cli):
+    result = cli("eval", trained_run)
+    assert result.code == 0, result.err
+    report = read_json(trained_run / "eval.json")
+    assert report["tuned"]["loss"] < report["base"]["loss"]
+    assert report["tuned"]["perplexity"] < report["base"]["perplexity"]
+    assert report["examples"] == 64
+    assert "base" in result.out and "tuned" in result.out
+
+
+def test_eval_with_other_data(trained_run, cli, tmp_path):
+    data = tmp_path / "other.jsonl"
+    data.write_text('{"prompt": "January is followed by", "completion": " February"}\n', encoding="utf-8")
+    result = cli("eval", trained_run, "--data", data)
+    assert result.code == 0, result.err
+    assert read_json(trained_run / "eval.json")["examples"] == 1
+
+
+def test_merge_matches_adapter_and_loads_in_plain_transformers(trained_run, tiny_model, cli, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    result = cli("merge", trained_run, "--out", out)
+    assert result.code == 0, result.err
+    assert "max |merged - adapter|" in result.out
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.pad_token = tokenizer.eos_token
+    probe = _probe(tokenizer)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "adapter")
+    with torch.no_grad():
+        diff = (merged(**probe).logits - adapter.eval()(**probe).logits).abs().max()
+    assert diff < 1e-4
+
+    again = cli("merge", trained_run, "--out", out)
+    assert again.code == 2 and "--force" in again.err
