@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from peftcli import console
-from peftcli.errors import EXIT_BUG, EXIT_USER, CheckFailed, Interrupted, UserError
+from peftcli.errors import EXIT_BUG, EXIT_USER, ReportedError, UserError
 
 app = typer.Typer(
     name="peftcli",
@@ -119,14 +119,18 @@ def _print_error(message: str, hint: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn exceptions into exit codes."""
+    import logging
+
     import click
 
+    # bitsandbytes logs a harmless "failed to load CPU kernel" line at import; keep it out of every command.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not _debug():
         # Library deprecation chatter is not actionable for our users; PEFTCLI_DEBUG=1 shows it.
         warnings.filterwarnings("ignore")
     try:
         app(args=argv, prog_name="peftcli", standalone_mode=False)
-    except (UserError, CheckFailed, Interrupted) as exc:
+    except ReportedError as exc:
         if _debug():
             raise
         _print_error(exc.message, exc.hint)

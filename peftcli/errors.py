@@ -11,19 +11,8 @@ EXIT_BUG = 1
 EXIT_USER = 2
 
 
-class UserError(Exception):
-    """Something the user can fix. Printed as `error: <message>` plus an optional `hint:` line."""
-
-    exit_code = EXIT_USER
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-
-class CheckFailed(Exception):
-    """A numeric verification failed (e.g. merged logits drifted): not the user's fault, exit 1."""
+class ReportedError(Exception):
+    """An error printed as `error: <message>` plus an optional `hint:` line, exiting with `exit_code`."""
 
     exit_code = EXIT_BUG
 
@@ -33,11 +22,21 @@ class CheckFailed(Exception):
         self.hint = hint
 
 
-class Interrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint; exit 128 + signal number."""
+class UserError(ReportedError):
+    """Something the user can fix: recipe, data, arguments, environment."""
+
+    exit_code = EXIT_USER
+
+
+class CheckFailed(ReportedError):
+    """A numeric verification failed (e.g. merged logits drifted): not the user's fault."""
+
+    exit_code = EXIT_BUG
+
+
+class Interrupted(ReportedError):
+    """Training stopped on a signal after saving a checkpoint; exits 128 + the signal number."""
 
     def __init__(self, signum: int, message: str, hint: str | None = None):
-        super().__init__(message)
+        super().__init__(message, hint)
         self.exit_code = 128 + signum
-        self.message = message
-        self.hint = hint

@@ -21,10 +21,14 @@ def quiet_libraries() -> None:
     """Silence third-party start-up chatter that says nothing actionable to our users."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "failed to load CPU gemm kernel", etc.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL and the hub client report usage otherwise
+    import datasets
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()  # "Truncating train dataset" bars for work that takes milliseconds
 
 
 def has_cuda() -> bool:

@@ -91,8 +91,9 @@ def _sft_config(recipe: Recipe, out: Path, dtype, has_eval: bool):
         data_seed=t.seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpoints work with frozen inputs (PEFT) and are the faster, supported path.
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,

@@ -2,9 +2,10 @@
 """Write the demo dataset under recipes/data/ (committed; rerun to regenerate identically).
 
 The task is a small "calendar and counting assistant": what day or month comes before/after
-another, and small sums. The facts are few, so a tiny model learns them in a minute on CPU; the eval
-split asks the same facts in phrasings the training set never uses, so a better eval loss means the
-model learned the facts, not the sentences.
+another, and small sums. The facts are few, so a tiny model learns them in a minute on CPU. Each fact is asked in
+several phrasings; the eval split holds out one (fact, phrasing) pair for some facts, so every eval
+question combines a fact and a phrasing the model has seen, but never together: a better eval loss
+means it learned the facts, not the sentences.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
            "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
 SYSTEM = "You are a concise assistant. Answer with one word."
 
-# Phrasings per question kind: the last one of each list is held out for eval.
+# Phrasings per question kind.
 ASK = {
     "after": ["What comes after {x}?", "Which one follows {x}?", "Name the one after {x}.", "After {x} comes?"],
     "before": ["What comes before {x}?", "Which one precedes {x}?", "Name the one before {x}.", "Before {x} comes?"],
@@ -40,17 +41,23 @@ def facts():
                 yield "sum", {"a": NUMBERS[a], "b": NUMBERS[b]}, NUMBERS[a + b]
 
 
-def build(seed: int = 0) -> tuple[list[dict], list[dict]]:
+def build(seed: int = 0, eval_rows: int = 64) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
+    all_facts = list(facts())
+    tested = set(rng.sample(range(len(all_facts)), eval_rows))
     train, held_out = [], []
-    for kind, slots, answer in facts():
+    for index, (kind, slots, answer) in enumerate(all_facts):
         phrasings = ASK[kind]
-        for phrasing in phrasings[:-1]:
-            train.append(row(phrasing.format(**slots), answer, system=rng.random() < 0.5))
-        held_out.append(row(phrasings[-1].format(**slots), answer, system=True))
+        held = rng.randrange(len(phrasings)) if index in tested else None
+        for number, phrasing in enumerate(phrasings):
+            question = phrasing.format(**slots)
+            if number == held:
+                held_out.append(row(question, answer, system=rng.random() < 0.5))
+            else:
+                train.append(row(question, answer, system=rng.random() < 0.5))
     rng.shuffle(train)
     rng.shuffle(held_out)
-    return train, held_out[:64]
+    return train, held_out
 
 
 def row(question: str, answer: str, system: bool) -> dict:

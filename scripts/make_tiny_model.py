@@ -124,6 +124,9 @@ def build_tiny_model(
 
 
 def main() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     parser = argparse.ArgumentParser(description="Build a tiny random-init causal LM for tests and the demo.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--arch", default="llama", choices=["llama", "qwen2"])

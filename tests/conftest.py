@@ -49,10 +49,10 @@ def tokenizer(tiny_model):
     return load_tokenizer(ModelSection(name=str(tiny_model)))
 
 
-def base_recipe(model: Path, out: Path, **sections) -> dict:
+def base_recipe(base_model: Path, out: Path, **sections) -> dict:
     """A small, fast recipe on the demo data; sections given as dicts are merged over the defaults."""
     recipe = {
-        "model": {"name": str(model)},
+        "model": {"name": str(base_model)},
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": str(DEMO_TRAIN), "eval": str(DEMO_EVAL), "max_length": 64},
         "training": {"max_steps": 12, "batch_size": 16, "learning_rate": 5e-3, "save_steps": 6, "seed": 7},
