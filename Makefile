@@ -9,13 +9,14 @@ STAMP := $(VENV)/.peftcli-installed
 TINY := models/tiny
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-gpu bench clean help
+.PHONY: setup demo test test-gpu lint bench clean help
 
 help:
 	@echo "make setup     create $(VENV), install torch ($(TORCH)) then peftcli[dev]"
 	@echo "make demo      build a tiny model, train, eval, merge (offline, ~2 min on CPU)"
 	@echo "make test      the CPU test suite (offline, < 10 min)"
 	@echo "make test-gpu  tests marked gpu (needs CUDA)"
+	@echo "make lint      ruff check + format check"
 	@echo "make clean     remove runs, models and the virtual environment"
 
 $(STAMP): pyproject.toml
@@ -45,6 +46,10 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check peftcli tests scripts
+	$(BIN)/ruff format --check peftcli tests scripts
 
 clean:
 	rm -rf runs merged models $(VENV) .pytest_cache

@@ -29,7 +29,9 @@ app = typer.Typer(
 
 RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 SetOpt = typer.Option(
-    [], "--set", help="Override a recipe key before validation, e.g. --set training.learning_rate=1e-4 (repeatable).",
+    [],
+    "--set",
+    help="Override a recipe key before validation, e.g. --set training.learning_rate=1e-4 (repeatable).",
     metavar="KEY=VALUE",
 )
 
@@ -91,20 +93,104 @@ def evaluate(
 
 @app.command()
 def merge(
-    run: Path = typer.Argument(..., help="Run directory written by `peftcli train`.", show_default=False),
-    out: Path = typer.Option(..., "--out", help="Folder for the merged model.", show_default=False),
+    runs: list[Path] = typer.Argument(
+        ..., help="Run directories written by `peftcli train` (one, or several to combine).", show_default=False
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder for the merged model (or combined adapter).", show_default=False
+    ),
     dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float16 | float32 (saved weights)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
+    weights: str = typer.Option(
+        None, "--weights", help="Several runs: comma-separated weights, e.g. 0.7,0.3 (default: equal)."
+    ),
+    combination: str = typer.Option(
+        "linear",
+        "--combination",
+        help="Several runs: linear | cat | svd | ties | dare_linear | dare_ties | magnitude_prune.",
+    ),
+    density: float = typer.Option(None, "--density", help="ties/dare/magnitude_prune: fraction of weights kept."),
+    as_adapter: bool = typer.Option(
+        False, "--as-adapter", help="Several runs: save the combined adapter, not a merged model."
+    ),
 ) -> None:
-    """Fold the adapter into the base weights, verify logits on a probe batch, save a plain HF model.
+    """Fold an adapter into the base weights (or combine several), verify logits, save a plain HF model.
 
-    [dim]Example: peftcli merge runs/demo --out merged/demo[/]
+    [dim]Examples: peftcli merge runs/demo --out merged/demo
+    peftcli merge runs/a runs/b --weights 0.7,0.3 --combination ties --density 0.5 --out merged/ab[/]
     """
-    from peftcli.merge import run_merge
-
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise UserError(f"--dtype {dtype!r}: expected auto, bfloat16, float16 or float32")
-    run_merge(run, out, dtype=dtype, force=force)
+    if len(runs) == 1:
+        extra = [
+            flag
+            for flag, used in (
+                ("--weights", weights is not None),
+                ("--density", density is not None),
+                ("--as-adapter", as_adapter),
+            )
+            if used
+        ]
+        if extra:
+            raise UserError(f"{', '.join(extra)} combine several runs; give two or more run directories")
+        from peftcli.merge import run_merge
+
+        run_merge(runs[0], out, dtype=dtype, force=force)
+        return
+    from peftcli.combine import run_combine
+
+    run_combine(
+        runs,
+        out,
+        weights=weights,
+        combination=combination,
+        density=density,
+        as_adapter=as_adapter,
+        dtype=dtype,
+        force=force,
+    )
+
+
+@app.command()
+def compare(
+    recipe: Path = RecipeArg,
+    methods_: str = typer.Option(
+        ..., "--methods", help="Comma-separated methods, e.g. lora,dora,ia3,prompt_tuning.", show_default=False
+    ),
+    set_: list[str] = SetOpt,
+    out: Path = typer.Option(
+        None, "--out", help="Folder for the runs and the comparison (default: <output.dir>-compare)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing comparison folder."),
+) -> None:
+    """Train the same recipe once per method and compare params, size, memory, speed and loss.
+
+    [dim]Example: peftcli compare recipes/demo.yaml --methods lora,dora,ia3,prompt_tuning[/]
+    """
+    from peftcli.compare import parse_methods, run_compare
+
+    names = parse_methods(methods_)
+    resolved = _load(recipe, set_)
+    target = out.resolve() if out else Path(f"{resolved.output.dir}-compare")
+    run_compare(resolved, names, target, overwrite=overwrite)
+
+
+@app.command()
+def methods(
+    model: str = typer.Option(None, "--model", help="Model folder (or hub id): show each method's trainable share."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (as in the README)."),
+) -> None:
+    """List every PEFT method: its keys and defaults, mergeable or not, quantized base or not.
+
+    [dim]Example: peftcli methods --model models/tiny[/]
+    """
+    from peftcli import catalogue
+
+    table = catalogue.rows(model)
+    if markdown:
+        console.out.print(catalogue.markdown(table), markup=False)
+    else:
+        catalogue.print_table(table, console.out)
 
 
 def _debug() -> bool:

@@ -7,11 +7,13 @@ so both columns see identical weights, data, batches and precision.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 from peftcli import console, modeling
 from peftcli.data import IGNORE, Encoded, prepare_data
 from peftcli.errors import UserError
+from peftcli.methods import method_of
 from peftcli.recipe import DataSource
 from peftcli.rundir import EVAL, atomic_write_json, open_run
 
@@ -67,14 +69,30 @@ def score(model, items: list[Encoded], batch_size: int, pad_id: int) -> dict:
 
 
 def load_tuned(run, recipe):
-    """Base model (quantized as in training) with the run's adapter, and the run's tokenizer."""
+    """The tuned model (base + the run's adapter, quantized as in training, or the run's full model)
+    and the run's tokenizer, which carries the chat template used in training."""
     from peft import PeftModel
 
     modeling.quiet_libraries()
-    tokenizer = modeling.load_tokenizer(recipe.model, path=str(run.adapter))
+    method = method_of(recipe.peft)
+    artifact = run.full_model if method.saves_full_model else run.adapter
+    tokenizer = modeling.load_tokenizer(recipe.model, path=str(artifact))
+    if method.saves_full_model:
+        tuned = recipe.model.model_copy(update={"name": str(artifact), "revision": None})
+        return modeling.load_model(tuned, None), tokenizer
     base = modeling.load_model(recipe.model, recipe.quantization)
-    model = PeftModel.from_pretrained(base, str(run.adapter))
-    return model, tokenizer
+    return PeftModel.from_pretrained(base, str(artifact)), tokenizer
+
+
+@contextmanager
+def base_model_of(model, recipe):
+    """The base model to compare with: the same object with the adapter switched off, or (for runs
+    that trained the weights themselves) the base loaded from the recipe."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield modeling.load_model(recipe.model, recipe.quantization)
 
 
 def run_eval(run_path: Path, data_path: Path | None = None, batch_size: int = 8) -> dict:
@@ -88,16 +106,17 @@ def run_eval(run_path: Path, data_path: Path | None = None, batch_size: int = 8)
     elif recipe.data.eval_split is not None:
         eval_only = None  # re-derive the same seeded split from the training data
     else:
-        raise UserError(f"{run_path}: the run has no eval data (no data.eval or data.eval_split)",
-                        hint="pass --data FILE")
+        raise UserError(
+            f"{run_path}: the run has no eval data (no data.eval or data.eval_split)", hint="pass --data FILE"
+        )
 
     model, tokenizer = load_tuned(run, recipe)
     data = prepare_data(recipe.data, tokenizer, recipe.training.seed, eval_only=eval_only)
     items = data.eval
-    with console.err.status(f"scoring {len(items)} examples with the adapter"):
+    with console.err.status(f"scoring {len(items)} examples with the tuned model"):
         tuned = score(model, items, batch_size, tokenizer.pad_token_id)
-    with console.err.status(f"scoring {len(items)} examples without it"), model.disable_adapter():
-        base = score(model, items, batch_size, tokenizer.pad_token_id)
+    with console.err.status(f"scoring {len(items)} examples without it"), base_model_of(model, recipe) as base_model:
+        base = score(base_model, items, batch_size, tokenizer.pad_token_id)
 
     result = {
         "run": str(run.path),
@@ -123,7 +142,11 @@ def print_table(result: dict) -> None:
         b, t = result["base"][key], result["tuned"][key]
         improved = (t < b) if better == "lower" else (t > b)
         change = f"{t - b:+.4f}"
-        table.add_row(f"{key} ({better} is better)", f"{b:.4f}", f"{t:.4f}",
-                      f"[green]{change}[/]" if improved else f"[red]{change}[/]")
+        table.add_row(
+            f"{key} ({better} is better)",
+            f"{b:.4f}",
+            f"{t:.4f}",
+            f"[green]{change}[/]" if improved else f"[red]{change}[/]",
+        )
     console.out.print(table)
     console.out.print(f"written to {Path(result['run']) / EVAL}")

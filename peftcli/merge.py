@@ -1,10 +1,11 @@
-"""`peftcli merge`: fold an adapter into full weights, verify, save a plain transformers model.
+"""`peftcli merge RUN --out DIR`: fold an adapter into full weights, verify, save a plain model.
 
 A quantized (QLoRA) run is merged into the base reloaded *unquantized* in the output dtype: folding
 an update into 4-bit weights either fails or silently degrades the model, and is the most reported
 merge failure in peer tools. The saved folder is then reloaded from disk with plain
 `AutoModelForCausalLM.from_pretrained` and its logits compared with the adapter model's on a probe
 batch; a drift beyond the dtype's tolerance fails the command (exit 1) and nothing is left behind.
+Several runs combined into one adapter or model: see combine.py.
 """
 
 from __future__ import annotations
@@ -42,19 +43,33 @@ def probe_batch(tokenizer, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def model_card(recipe, dtype: str, max_diff: float) -> str:
-    method = recipe.peft.method
-    return "\n".join([
+def logits(model, probe):
+    import torch
+
+    with torch.no_grad():
+        return model(**probe).logits.float().cpu()
+
+
+def compare(got, expected, probe, dtype_name: str) -> tuple[float, float]:
+    """Max |got - expected| over real (unpadded) positions, and the tolerance it must meet."""
+    mask = probe["attention_mask"].cpu().bool()
+    max_diff = float((got - expected).abs()[mask].max())
+    scale = max(1.0, float(expected.abs()[mask].max()))
+    return max_diff, TOLERANCE[dtype_name] * scale
+
+
+def model_card(title: str, base: str, tags: list[str], body: list[str], recipe_yaml: str | None) -> str:
+    lines = [
         "---",
-        f"base_model: {recipe.model.name}",
+        f"base_model: {base}",
         "library_name: transformers",
-        f"tags: [peftcli, {method}, merged]",
+        f"tags: [peftcli, {', '.join(tags)}]",
         "---",
         "",
-        f"# Merged {method} fine-tune of `{recipe.model.name}`",
+        f"# {title}",
         "",
-        f"The {method} adapter trained by peftcli was folded into the base weights and saved in {dtype}.",
-        f"Verified after saving: max |merged - adapter| logit difference on a probe batch = {max_diff:.3g}.",
+        *body,
+        "",
         "Load it with plain transformers:",
         "",
         "```python",
@@ -63,13 +78,41 @@ def model_card(recipe, dtype: str, max_diff: float) -> str:
         'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
         "```",
         "",
-        "## Recipe",
-        "",
-        "```yaml",
-        recipe_to_yaml(recipe).rstrip(),
-        "```",
-        "",
-    ])
+    ]
+    if recipe_yaml:
+        lines += ["## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def save_verified(merged, tokenizer, probe, expected, out: Path, torch_dtype, card: str) -> tuple[float, float]:
+    """Save `merged` (+ tokenizer, card) atomically, after checking that the saved folder, reloaded
+    the way a user will load it, reproduces `expected` logits."""
+    from transformers import AutoModelForCausalLM
+
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    device = probe["input_ids"].device
+    with atomic_dir(out) as tmp:
+        with console.err.status(f"saving the merged model to {out}"):
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).to(device).eval()
+        max_diff, tolerance = compare(logits(reloaded, probe), expected, probe, dtype_name)
+        del reloaded
+        if not max_diff <= tolerance:  # also catches NaN
+            raise CheckFailed(
+                f"merged logits differ from the adapter model's by {max_diff:.3g} (tolerance {tolerance:.3g} "
+                f"in {dtype_name}); nothing was written",
+                hint="try --dtype float32; if it persists, report it with the run's recipe.yaml",
+            )
+        verified = (
+            f"Verified after saving: max |merged - adapter| logit difference on a probe batch = {max_diff:.3g}.\n"
+        )
+        (tmp / "README.md").write_text(card + "\n" + verified, encoding="utf-8")
+    return max_diff, tolerance
+
+
+def output_dtype(recipe, dtype: str):
+    return modeling.compute_dtype(recipe.model.dtype if dtype == "auto" else dtype)
 
 
 def run_merge(run_path: Path, out: Path, dtype: str = "auto", force: bool = False) -> float:
@@ -77,53 +120,38 @@ def run_merge(run_path: Path, out: Path, dtype: str = "auto", force: bool = Fals
     recipe = run.recipe()
     method = method_of(recipe.peft)
     if not method.mergeable:
-        raise UserError(
-            f"peft.method '{method.name}' cannot be merged into the weights: {method.serve_hint}",
-        )
+        raise UserError(f"peft.method '{method.name}' cannot be merged into the weights: {method.serve_hint}")
     out = Path(out).resolve()
     check_out_dir(out, force)
     modeling.check_model_source(recipe.model)
 
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     modeling.quiet_libraries()
-    torch_dtype = modeling.compute_dtype(recipe.model.dtype if dtype == "auto" else dtype)
-    dtype_name = str(torch_dtype).removeprefix("torch.")
-    tokenizer = modeling.load_tokenizer(recipe.model, path=str(run.adapter))
+    torch_dtype = output_dtype(recipe, dtype)
+    artifact = run.full_model if method.saves_full_model else run.adapter
+    tokenizer = modeling.load_tokenizer(recipe.model, path=str(artifact))
     with console.err.status("loading the base model (unquantized) and the adapter"):
-        base = modeling.load_model(recipe.model, quant=None, dtype=torch_dtype)
-        model = PeftModel.from_pretrained(base, str(run.adapter))
-        model.eval()
-    device = next(model.parameters()).device
-    probe = probe_batch(tokenizer, device)
-    with torch.no_grad():
-        expected = model(**probe).logits.float().cpu()
-        merged = model.merge_and_unload()
-    del model, base
-
-    with atomic_dir(out) as tmp:
-        with console.err.status(f"saving the merged model to {out}"):
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        del merged
-        # Verify what was written, exactly as a user will load it.
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).to(device).eval()
-        with torch.no_grad():
-            got = reloaded(**probe).logits.float().cpu()
-        del reloaded
-        mask = probe["attention_mask"].cpu().bool()
-        max_diff = float((got - expected).abs()[mask].max())
-        scale = max(1.0, float(expected.abs()[mask].max()))
-        tolerance = TOLERANCE[dtype_name] * scale
-        if not max_diff <= tolerance:  # also catches NaN
-            raise CheckFailed(
-                f"merged logits differ from the adapter model's by {max_diff:.3g} (tolerance {tolerance:.3g} "
-                f"in {dtype_name}); nothing was written",
-                hint="try --dtype float32; if it persists, report it with the run's recipe.yaml",
+        if method.saves_full_model:  # already full weights: this is a verified copy in the chosen dtype
+            model = modeling.load_model(
+                recipe.model.model_copy(update={"name": str(artifact), "revision": None}), None, torch_dtype
             )
-        (tmp / "README.md").write_text(model_card(recipe, dtype_name, max_diff), encoding="utf-8")
+        else:
+            base = modeling.load_model(recipe.model, quant=None, dtype=torch_dtype)
+            model = PeftModel.from_pretrained(base, str(artifact))
+        model.eval()
+    probe = probe_batch(tokenizer, next(model.parameters()).device)
+    expected = logits(model, probe)
+    merged = model if method.saves_full_model else model.merge_and_unload()
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    card = model_card(
+        f"Merged {method.name} fine-tune of `{recipe.model.name}`",
+        recipe.model.name,
+        [method.name, "merged"],
+        [f"The {method.name} update trained by peftcli, folded into the base weights and saved in {dtype_name}."],
+        recipe_to_yaml(recipe),
+    )
+    max_diff, tolerance = save_verified(merged, tokenizer, probe, expected, out, torch_dtype, card)
     console.out.print(
         f"merged model written to {out} ({dtype_name}); verified after reload: "
         f"max |merged - adapter| logit diff {max_diff:.3g} (tolerance {tolerance:.3g})"

@@ -174,6 +174,14 @@ def load_model(model: ModelSection, quant: QuantizationSection | None = None, dt
     return loaded
 
 
+def count_params(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights are counted at their unpacked size, as peft does."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
 def prepare_for_training(model, quant: QuantizationSection | None, gradient_checkpointing: bool):
     """k-bit preparation for quantized bases (norms in fp32, input grads enabled)."""
     if quant is not None:

@@ -42,8 +42,9 @@ class TrainingProgress(TrainerCallback):
                 transient=False,
             )
             self.progress.start()
-            self.task = self.progress.add_task(self.label, total=state.max_steps, completed=state.global_step,
-                                               status="")
+            self.task = self.progress.add_task(
+                self.label, total=state.max_steps, completed=state.global_step, status=""
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -65,8 +66,11 @@ class TrainingProgress(TrainerCallback):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, status=self._status())
         elif state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            print(f"{self.label}: step {state.global_step}/{state.max_steps}  {self._status()}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{self.label}: step {state.global_step}/{state.max_steps}  {self._status()}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

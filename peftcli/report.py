@@ -76,7 +76,7 @@ def build_metrics(o: TrainOutcome) -> dict:
         "peak_memory_kind": "cuda_allocated" if o.device != "cpu" else "cpu_rss",
         "device": o.device,
         "dtype": o.dtype,
-        "quantization": None if quant is None else f"{quant.bits}-bit" + (f" {quant.quant_type}" if quant.bits == 4 else ""),
+        "quantization": None if quant is None else quant.describe(),
         "data": data,
         "versions": versions(),
         **o.extra,

@@ -22,12 +22,17 @@ import yaml
 from peftcli.errors import UserError
 
 ADAPTER = "adapter"
+MODEL = "model"  # `full`/`freeze` runs train the base weights and save the whole model here
 RECIPE = "recipe.yaml"
 METRICS = "metrics.json"
 REPORT = "report.md"
 LOSS_PLOT = "loss.png"
 EVAL = "eval.json"
 TMP_PREFIX = ".tmp-"
+
+
+def artifact_dir(run_dir: Path, method) -> Path:
+    return run_dir / (MODEL if method.saves_full_model else ADAPTER)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -83,6 +88,10 @@ class Run:
         return self.path / ADAPTER
 
     @property
+    def full_model(self) -> Path:
+        return self.path / MODEL
+
+    @property
     def recipe_file(self) -> Path:
         return self.path / RECIPE
 
@@ -106,7 +115,11 @@ def open_run(path: str | Path, need_adapter: bool = True) -> Run:
             f"{path} is not a peftcli run (no {RECIPE})",
             hint="pass the output.dir of a `peftcli train` run",
         )
-    if need_adapter and not (run.adapter / "adapter_config.json").is_file():
+    if (
+        need_adapter
+        and not (run.adapter / "adapter_config.json").is_file()
+        and not (run.full_model / "config.json").is_file()
+    ):
         raise UserError(
             f"{path} has no trained adapter ({ADAPTER}/adapter_config.json missing)",
             hint="the run did not finish; resume it with `peftcli train RECIPE --resume`",

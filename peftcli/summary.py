@@ -12,7 +12,7 @@ def describe_recipe(recipe: Recipe) -> list[str]:
     quant = recipe.quantization
     lines = [
         f"method: {method.name} — {method.summary}",
-        f"quantization: {'none' if quant is None else f'{quant.bits}-bit' + (f' {quant.quant_type}' if quant.bits == 4 else '')}",
+        f"quantization: {'none' if quant is None else quant.describe()}",
     ]
     config = read_config(recipe.model)
     if config:

@@ -7,16 +7,19 @@ checked before the model is loaded and before anything is written to `output.dir
 
 from __future__ import annotations
 
+import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from peftcli import modeling, report
 from peftcli.data import PreparedData, prepare_data
 from peftcli.errors import UserError
-from peftcli.methods import method_of
+from peftcli.methods import MethodContext, method_of
 from peftcli.recipe import Recipe, recipe_to_yaml
-from peftcli.rundir import ADAPTER, RECIPE, atomic_dir, atomic_write_text, check_output_dir, create_output_dir
+from peftcli.rundir import RECIPE, artifact_dir, atomic_dir, atomic_write_text, check_output_dir, create_output_dir
 
 
 @dataclass
@@ -30,8 +33,10 @@ class TokenCounter:
         def counted(examples):
             batch = collate(examples)
             total = batch["input_ids"].numel()
-            real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else sum(
-                len(e["input_ids"]) for e in examples
+            real = (
+                int(batch["attention_mask"].sum())
+                if "attention_mask" in batch
+                else sum(len(e["input_ids"]) for e in examples)
             )
             self.real += real
             self.padded += total - real
@@ -65,6 +70,8 @@ class TrainOutcome:
     dtype: str
     status: str = "completed"
     extra: dict = field(default_factory=dict)
+    # The trained model, for callers that go on in the same process (tests compare it with reloads).
+    model: Any = None
 
 
 def _sft_config(recipe: Recipe, out: Path, dtype, has_eval: bool):
@@ -115,15 +122,23 @@ def _as_dataset(items):
 
 
 def _trainer_class():
+    from transformers import Trainer as PlainTrainer
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
-        """SFTTrainer that counts tokens of the training batches and writes no model card into the run dir."""
+        """SFTTrainer that counts the tokens of training batches, can fall back to the model's own
+        loss, and writes no model card into the run directory (report.md is the run's card)."""
 
         token_counter: TokenCounter
+        fused_loss: bool = True
 
-        def create_model_card(self, *args, **kwargs):  # report.md is the run's card
+        def create_model_card(self, *args, **kwargs):
             return None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.fused_loss:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return PlainTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
         def get_train_dataloader(self):
             collate = self.data_collator
@@ -136,11 +151,12 @@ def _trainer_class():
     return Trainer
 
 
-def count_params(model) -> tuple[int, int]:
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()  # counts 4-bit weights at their real size
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+def planned_steps(recipe: Recipe, train_rows: int) -> int:
+    t = recipe.training
+    if t.max_steps:
+        return t.max_steps
+    per_epoch = max(1, math.ceil(train_rows / (t.batch_size * t.gradient_accumulation)))
+    return max(1, math.ceil(per_epoch * (t.epochs or 1.0)))
 
 
 def run_training(recipe: Recipe, *, overwrite: bool = False, console=None) -> TrainOutcome:
@@ -169,8 +185,15 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console=None) -> Tr
     dtype = modeling.compute_dtype(recipe.model.dtype)
     model = modeling.load_model(recipe.model, recipe.quantization, dtype)
     model = modeling.prepare_for_training(model, recipe.quantization, recipe.training.gradient_checkpointing)
-    model = method.apply(recipe.peft, model)
-    trainable, total = count_params(model)
+    scratch = tempfile.TemporaryDirectory(prefix="peftcli-")
+    ctx = MethodContext(
+        model_config=model.config.to_dict(),
+        tokenizer_path=recipe.model.tokenizer or recipe.model.name,
+        total_steps=planned_steps(recipe, len(data.train)),
+        scratch_dir=Path(scratch.name),
+    )
+    model = method.apply(recipe.peft, model, ctx)
+    trainable, total = modeling.count_params(model)
 
     # 3. Trainer; the run directory is created only now.
     create_output_dir(out, overwrite)
@@ -180,13 +203,14 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console=None) -> Tr
     counter = TokenCounter()
     Trainer = _trainer_class()
     Trainer.token_counter = counter
+    Trainer.fused_loss = method.fused_loss
     trainer = Trainer(
         model=model,
         args=_sft_config(recipe, out, dtype, bool(data.eval)),
         train_dataset=_as_dataset(data.train),
         eval_dataset=_as_dataset(data.eval) if data.eval else None,
         processing_class=tokenizer,
-        callbacks=[TrainingProgress(console)],
+        callbacks=[TrainingProgress(console), *method.callbacks(model)],
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -204,10 +228,11 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console=None) -> Tr
     trainer.train()
     runtime = time.perf_counter() - started
 
-    # 4. Artifacts: the adapter (+ tokenizer with its chat template) lands atomically.
-    with atomic_dir(out / ADAPTER) as tmp:
-        trainer.model.save_pretrained(tmp)
+    # 4. Artifacts: the adapter (or full model) + tokenizer with its chat template, atomically.
+    with atomic_dir(artifact_dir(out, method)) as tmp:
+        method.save(recipe.peft, trainer.model, tmp, ctx)
         tokenizer.save_pretrained(tmp)
+    scratch.cleanup()
     eval_loss = trainer.evaluate()["eval_loss"] if data.eval else None
 
     outcome = TrainOutcome(
@@ -225,6 +250,7 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console=None) -> Tr
         peak_memory_mb=report.peak_memory_mb(),
         device=modeling.device_name(),
         dtype=str(dtype).removeprefix("torch."),
+        model=trainer.model,
     )
     report.write_run_report(outcome)
     return outcome

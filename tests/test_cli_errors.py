@@ -50,8 +50,9 @@ def test_missing_model_path(cli, tmp_path, tiny_model):
 
 def test_model_dir_without_config(cli, tmp_path, tiny_model):
     (tmp_path / "empty_model").mkdir()
-    _assert_user_error(_train(cli, tmp_path, tiny_model, model={"name": str(tmp_path / "empty_model")}),
-                       "no config.json")
+    _assert_user_error(
+        _train(cli, tmp_path, tiny_model, model={"name": str(tmp_path / "empty_model")}), "no config.json"
+    )
 
 
 def test_missing_data_file(cli, tmp_path, tiny_model):
@@ -63,8 +64,11 @@ def test_missing_data_file(cli, tmp_path, tiny_model):
 def test_undetectable_format(cli, tmp_path, tiny_model):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"q": "a", "a": "b"}) + "\n", encoding="utf-8")
-    _assert_user_error(_train(cli, tmp_path, tiny_model, data={"train": str(data), "eval": None}),
-                       "cannot detect the data format", "['a', 'q']")
+    _assert_user_error(
+        _train(cli, tmp_path, tiny_model, data={"train": str(data), "eval": None}),
+        "cannot detect the data format",
+        "['a', 'q']",
+    )
 
 
 def test_unknown_format_name(cli, tmp_path, tiny_model):
@@ -74,15 +78,18 @@ def test_unknown_format_name(cli, tmp_path, tiny_model):
 def test_empty_dataset(cli, tmp_path, tiny_model):
     data = tmp_path / "d.jsonl"
     data.write_text("\n\n", encoding="utf-8")
-    _assert_user_error(_train(cli, tmp_path, tiny_model, data={"train": str(data), "eval": None}),
-                       "data.train", "no usable rows")
+    _assert_user_error(
+        _train(cli, tmp_path, tiny_model, data={"train": str(data), "eval": None}), "data.train", "no usable rows"
+    )
 
 
 def test_quantization_without_usable_bitsandbytes(cli, tmp_path, tiny_model, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     result = _train(cli, tmp_path, tiny_model, quantization={"bits": 4})
     _assert_user_error(result, "quantization", "bitsandbytes")
     assert not (tmp_path / "run").exists()
@@ -117,8 +124,12 @@ def test_debug_variable_shows_the_traceback(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("[1, 2]\n", encoding="utf-8")
     quiet = subprocess.run([sys.executable, "-m", "peftcli", "validate", str(path)], capture_output=True, text=True)
-    loud = subprocess.run([sys.executable, "-m", "peftcli", "validate", str(path)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "PEFTCLI_DEBUG": "1"})
+    loud = subprocess.run(
+        [sys.executable, "-m", "peftcli", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PEFTCLI_DEBUG": "1"},
+    )
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and quiet.stderr.startswith("error:")
     assert "Traceback" in loud.stderr
 

@@ -80,8 +80,9 @@ def test_columns_map_onto_a_format(tmp_path, tokenizer):
     assert trained_text(tokenizer, prepared.train[0]) == "two<|im_end|>"
 
 
-@pytest.mark.parametrize("template, end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"),
-                                           ("mistral", "<|im_end|>")])
+@pytest.mark.parametrize(
+    "template, end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"), ("mistral", "<|im_end|>")]
+)
 def test_multi_turn_mask_is_exactly_the_assistant_replies(tmp_path, tokenizer, template, end):
     prepared = prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", [CONVERSATION]), chat_template=template)
     item = prepared.train[0]

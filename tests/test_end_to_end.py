@@ -28,8 +28,18 @@ def test_run_directory_follows_the_contract(trained_run):
     assert {"checkpoint-6", "checkpoint-30"} & names  # checkpoints are kept (save_total_limit 3)
     assert not [n for n in names if n.startswith(".tmp-")]
     metrics = read_json(trained_run / "metrics.json")
-    for key in ("trainable_params", "total_params", "train_loss", "loss_history", "eval_loss", "train_runtime_s",
-                "train_tokens_per_s", "peak_memory_mb", "device", "versions"):
+    for key in (
+        "trainable_params",
+        "total_params",
+        "train_loss",
+        "loss_history",
+        "eval_loss",
+        "train_runtime_s",
+        "train_tokens_per_s",
+        "peak_memory_mb",
+        "device",
+        "versions",
+    ):
         assert metrics[key] is not None, key
     assert metrics["status"] == "completed" and metrics["steps"] == 30
     assert 0 < metrics["trainable_params"] < metrics["total_params"]

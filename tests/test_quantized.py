@@ -15,8 +15,12 @@ def qlora_run(tmp_path_factory, tiny_model):
     from peftcli.train import run_training
 
     tmp = tmp_path_factory.mktemp("qlora")
-    recipe = base_recipe(tiny_model, tmp / "run", quantization={"bits": 4, "quant_type": "nf4", "double_quant": True},
-                         training={"max_steps": 16})
+    recipe = base_recipe(
+        tiny_model,
+        tmp / "run",
+        quantization={"bits": 4, "quant_type": "nf4", "double_quant": True},
+        training={"max_steps": 16},
+    )
     outcome = run_training(load_recipe(write_recipe(tmp / "recipe.yaml", recipe)))
     return outcome.run_dir
 

@@ -114,9 +114,7 @@ def _needs_chat(per_source: list[list[Example]]) -> bool:
     return any(e.is_chat for examples in per_source for e in examples)
 
 
-def _encode_all(
-    examples: list[Example], tokenizer, data: DataSection, stats: SplitStats, key: str
-) -> list[Encoded]:
+def _encode_all(examples: list[Example], tokenizer, data: DataSection, stats: SplitStats, key: str) -> list[Encoded]:
     out: list[Encoded] = []
     for example in examples:
         try:

@@ -57,7 +57,9 @@ def read_source(source: DataSource, key: str) -> list[Row | BadRow]:
     if local.is_file():
         return _read_file(local, key)
     if os.path.isabs(path) or path.endswith(SUFFIXES):
-        raise UserError(f"{key}: data file not found: {path}", hint="relative paths resolve against the recipe's folder")
+        raise UserError(
+            f"{key}: data file not found: {path}", hint="relative paths resolve against the recipe's folder"
+        )
     return _read_hub(source, key)
 
 
@@ -130,8 +132,13 @@ def _read_csv(path: Path) -> list[Row | BadRow]:
         for record in reader:
             origin = f"{path.name} line {reader.line_num}"
             if None in record:  # more cells than header columns
-                rows.append(BadRow(origin, f"{len(reader.fieldnames) + len(record[None])} cells for "
-                                           f"{len(reader.fieldnames)} header columns"))
+                rows.append(
+                    BadRow(
+                        origin,
+                        f"{len(reader.fieldnames) + len(record[None])} cells for "
+                        f"{len(reader.fieldnames)} header columns",
+                    )
+                )
                 continue
             rows.append(Row(dict(record), origin))
     return rows
@@ -162,9 +169,7 @@ def _read_hub(source: DataSource, key: str) -> list[Row | BadRow]:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(
-            source.path, name=source.subset, split=source.split, revision=source.revision
-        )
+        loaded = datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision)
     except Exception as exc:  # offline, unknown id, missing split: all surface here
         raise UserError(
             f"{key}: cannot load '{source.path}': not a local file or folder, and the hub said: "

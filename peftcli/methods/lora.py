@@ -1,17 +1,22 @@
-"""LoRA and its variants (DoRA, rsLoRA, PiSSA/OLoRA/LoftQ initialisation)."""
+"""LoRA and its variants: DoRA, rsLoRA, PiSSA/OLoRA/LoftQ initialisation, and AdaLoRA."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from peftcli.methods.base import MethodSpec
-from peftcli.methods.targets import TargetModules, resolve_targets
+from peftcli.errors import UserError
+from peftcli.methods.base import MethodContext, MethodSpec, via_peft
+from peftcli.methods.targets import TargetModules
 from peftcli.spec import PositiveFloat, PositiveInt, Probability
 
-# Our names for peft's `init_lora_weights` values; "default" is peft's `True` (B = 0, so step 0 = base).
+# Our names for peft's `init_lora_weights`; "default" is peft's True (B = 0, so step 0 = the base).
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
+# Initialisations that rewrite the base weights (W -> W - BA) and so must be converted back to a
+# plain LoRA against the original base when the adapter is saved.
+_REWRITES_BASE = ("pissa", "olora")
 
 
 class LoraSpec(MethodSpec):
@@ -23,7 +28,7 @@ class LoraSpec(MethodSpec):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
     init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
-        "default", description="Adapter initialisation."
+        "default", description="Adapter initialisation (pissa/olora start from the base's principal directions)."
     )
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = Field(
@@ -41,29 +46,89 @@ class LoraSpec(MethodSpec):
             self.use_dora = True
         return self
 
+    def check_with(self, recipe) -> None:
+        if self.init in ("pissa", "loftq") and recipe.quantization is not None:
+            raise ValueError(
+                f"peft.init: {self.init} initialises from the full-precision weights; remove the quantization "
+                f"section (loftq quantises the base itself)"
+            )
 
-def apply_lora(spec: LoraSpec, model):
-    from peft import LoraConfig, get_peft_model
 
-    init = _INIT[spec.init]
-    extra = {}
+def _lora_extra(spec: LoraSpec, model, ctx: MethodContext) -> dict:
+    extra = {"init_lora_weights": _INIT[spec.init]}
     if spec.init == "loftq":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("scipy") is None:
+            raise UserError("peft.init: loftq runs on a CUDA GPU and needs scipy", hint="use init: pissa or default")
         from peft import LoftQConfig
 
-        # LoftQ quantises the base itself while initialising the adapter: it expects a full-precision base.
         extra["loftq_config"] = LoftQConfig(loftq_bits=4)
-    config = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=resolve_targets(spec.target_modules, model),
-        use_dora=spec.use_dora,
-        use_rslora=spec.use_rslora,
-        init_lora_weights=init,
-        bias=spec.bias,
-        modules_to_save=spec.modules_to_save,
-        layers_to_transform=spec.layers_to_transform,
-        **extra,
-    )
-    return get_peft_model(model, config)
+    return extra
+
+
+_lora = via_peft(
+    "LoraConfig", rename={"alpha": "lora_alpha", "dropout": "lora_dropout", "init": None}, extra=_lora_extra
+)
+
+
+def apply_lora(spec: LoraSpec, model, ctx: MethodContext):
+    peft_model = _lora(spec, model, ctx)
+    if spec.init in _REWRITES_BASE:
+        peft_model.save_pretrained(ctx.scratch_dir / "initial-adapter")
+    return peft_model
+
+
+def save_lora(spec: LoraSpec, model, out: Path, ctx: MethodContext) -> None:
+    if spec.init in _REWRITES_BASE:
+        # Turn the adapter into a plain LoRA (rank doubled) that applies to the *original* base, so
+        # `PeftModel.from_pretrained(base, adapter)` works without re-running the initialisation.
+        model.save_pretrained(out, path_initial_model_for_weight_conversion=str(ctx.scratch_dir / "initial-adapter"))
+    else:
+        model.save_pretrained(out)
+
+
+class AdaLoraSpec(MethodSpec):
+    method: Literal["adalora"]
+    init_r: PositiveInt = Field(12, description="Starting rank of every adapted layer.")
+    target_r: PositiveInt = Field(8, description="Average rank after budget re-allocation.")
+    alpha: PositiveFloat = Field(16, description="Scaling numerator.")
+    dropout: Probability = 0.05
+    target_modules: TargetModules = "all-linear"
+    tinit: Annotated[int, Field(ge=0)] = Field(0, description="Warm-up steps before ranks are pruned.")
+    tfinal: Annotated[int, Field(ge=0)] = Field(0, description="Final steps at the settled ranks.")
+    delta_t: PositiveInt = Field(1, description="Steps between budget re-allocations.")
+    beta1: Probability = 0.85
+    beta2: Probability = 0.85
+    orth_reg_weight: Annotated[float, Field(ge=0)] = Field(0.5, description="Orthogonality regulariser weight.")
+
+
+def _adalora_budget(spec: AdaLoraSpec, model, ctx: MethodContext) -> dict:
+    if spec.tinit >= ctx.total_steps - spec.tfinal:
+        raise UserError(
+            f"peft.tinit ({spec.tinit}) + peft.tfinal ({spec.tfinal}) leave no budgeting phase in "
+            f"{ctx.total_steps} training steps",
+            hint="lower tinit/tfinal or train longer",
+        )
+    return {"total_step": ctx.total_steps}
+
+
+apply_adalora = via_peft(
+    "AdaLoraConfig",
+    rename={"alpha": "lora_alpha", "dropout": "lora_dropout", "delta_t": "deltaT"},
+    extra=_adalora_budget,
+)
+
+
+def adalora_callbacks(model) -> list:
+    from transformers import TrainerCallback
+
+    class ReallocateRanks(TrainerCallback):
+        # Neither Trainer nor TRL drives AdaLoRA's budget: it must run after the optimizer step and
+        # before the gradients are zeroed (on_step_end is too late: the grads are gone).
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            model.base_model.update_and_allocate(state.global_step)
+
+    return [ReallocateRanks()]

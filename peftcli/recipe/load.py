@@ -44,8 +44,7 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise UserError(
-                    f"line {key_node.start_mark.line + 1}: duplicate key '{key}' "
-                    f"(first set on line {seen[key] + 1})",
+                    f"line {key_node.start_mark.line + 1}: duplicate key '{key}' (first set on line {seen[key] + 1})",
                     hint="YAML keeps only the last value; delete one of them",
                 )
             seen[key] = key_node.start_mark.line
@@ -74,7 +73,9 @@ def read_yaml(path: Path) -> RawRecipe:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not a UTF-8 text file (byte {exc.start})", hint="a recipe is a YAML text file")
+        raise UserError(
+            f"{path}: not a UTF-8 text file (byte {exc.start})", hint="a recipe is a YAML text file"
+        ) from None
     try:
         node = yaml.compose(text, Loader=_StrictLoader)
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
@@ -84,7 +85,9 @@ def read_yaml(path: Path) -> RawRecipe:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"{path}: YAML syntax error at {where}{problem}", hint="check indentation and quoting") from None
+        raise UserError(
+            f"{path}: YAML syntax error at {where}{problem}", hint="check indentation and quoting"
+        ) from None
     if data is None:
         raise UserError(f"{path}: the recipe is empty", hint="it needs at least model.name and data.train")
     if not isinstance(data, dict):
@@ -105,7 +108,9 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
-        raise UserError(f"--set {key}: cannot parse the value as YAML", hint="quote strings that contain ':' or '#'")
+        raise UserError(
+            f"--set {key}: cannot parse the value as YAML", hint="quote strings that contain ':' or '#'"
+        ) from None
     return parts, parsed
 
 
@@ -226,21 +231,17 @@ def _describe(error: dict, raw: RawRecipe) -> str:
         if len(loc) >= 2 and loc[1] in REGISTRY:
             loc = (loc[0], *loc[2:])
     key = _dotted(loc)
-    line = raw.lines.get(tuple(str(p) for p in loc))
-    origin = " (from --set)" if tuple(str(p) for p in loc) in raw.overridden else ""
+    path = tuple(str(p) for p in loc)
+    line = raw.lines.get(path)
+    from_set = any(path[:n] in raw.overridden for n in range(1, len(path) + 1))
+    origin = " (from --set)" if from_set else ""
     where = f"line {line}: " if line and not origin else ""
 
     if kind == "extra_forbidden":
         name = str(loc[-1])
         parent = loc[:-1]
         if method in REGISTRY and len(loc) == 2:
-            keys = list(REGISTRY[method].keys())
-            close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
-            guess = f"did you mean '{close[0]}'? " if close else ""
-            return (
-                f"{where}peft.{name}{origin}: '{name}' is not a key of peft.method '{method}'; "
-                f"{guess}{method} takes: {', '.join(keys)}"
-            )
+            return _wrong_method_keys(method, [name], where, origin)
         owner = _model_at(parent) if parent else Recipe
         valid = list(owner.model_fields) if owner else []
         close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
@@ -265,12 +266,44 @@ def _describe(error: dict, raw: RawRecipe) -> str:
     return f"{where}{key}{origin}: {message}{shown}"
 
 
+def _wrong_method_keys(method: str, names: list[str], where: str = "", origin: str = "") -> str:
+    from peftcli.methods import REGISTRY
+
+    keys = list(REGISTRY[method].keys())
+    takes = f"{method} takes: {', '.join(keys)}" if keys else f"{method} takes no keys"
+    if len(names) == 1:
+        close = difflib.get_close_matches(names[0], keys, n=1, cutoff=0.6)
+        guess = f"did you mean '{close[0]}'? " if close else ""
+        return f"{where}peft.{names[0]}{origin}: '{names[0]}' is not a key of peft.method '{method}'; {guess}{takes}"
+    quoted = ", ".join(f"'{n}'" for n in names)
+    return f"peft: {quoted} are not keys of peft.method '{method}'; {takes}"
+
+
+def _group_method_keys(errors: list[dict], raw: RawRecipe) -> list[dict | str]:
+    """Several unknown keys of one method (say, LoRA keys left after switching to ia3) become one line."""
+    from peftcli.methods import REGISTRY
+
+    peft = raw.data.get("peft") if isinstance(raw.data.get("peft"), dict) else {}
+    method = peft.get("method", "lora")
+    wrong = [
+        e
+        for e in errors
+        if e["type"] == "extra_forbidden"
+        and e["loc"][0] == "peft"
+        and len(e["loc"]) == (3 if e["loc"][1] in REGISTRY else 2)
+    ]
+    if len(wrong) < 2 or method not in REGISTRY:
+        return errors
+    grouped = _wrong_method_keys(method, [str(e["loc"][-1]) for e in wrong])
+    return [grouped] + [e for e in errors if e not in wrong]
+
+
 def validate(raw: RawRecipe) -> Recipe:
     try:
         return Recipe.model_validate(raw.data)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        lines = [_describe(e, raw) for e in errors]
+        errors = _group_method_keys(exc.errors(include_url=False), raw)
+        lines = [e if isinstance(e, str) else _describe(e, raw) for e in errors]
         more = f" (and {len(lines) - 1} more: {'; '.join(lines[1:])})" if len(lines) > 1 else ""
         raise UserError(f"{raw.path.name}: {lines[0]}{more}", hint="`peftcli schema` lists every key") from None
 

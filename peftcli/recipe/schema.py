@@ -47,6 +47,9 @@ class QuantizationSection(Strict):
             self.double_quant = True if self.double_quant is None else self.double_quant
         return self
 
+    def describe(self) -> str:
+        return f"{self.bits}-bit" + (f" {self.quant_type}" if self.bits == 4 else "")
+
 
 class DataSource(Strict):
     path: str = Field(description="Local file, directory or glob (.jsonl/.json/.csv/.parquet), or a hub id.")
@@ -77,12 +80,8 @@ class DataSection(Strict):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map format fields onto your column names, e.g. {output: answer}."
     )
-    chat_template: str = Field(
-        "auto", description="auto | chatml | llama3 | mistral | path to a .jinja file."
-    )
-    train_on: Literal["completions", "all", "last_turn"] = Field(
-        "completions", description="Which tokens carry loss."
-    )
+    chat_template: str = Field("auto", description="auto | chatml | llama3 | mistral | path to a .jinja file.")
+    train_on: Literal["completions", "all", "last_turn"] = Field("completions", description="Which tokens carry loss.")
     max_length: PositiveInt = Field(1024, description="Tokens per example (or per packed row).")
     packing: bool = Field(False, description="Pack several examples per row (no cross-attention).")
     overlong: Literal["truncate", "drop", "error"] = Field(
@@ -127,6 +126,14 @@ class Recipe(Strict):
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
+    @field_validator("peft", mode="before")
+    @classmethod
+    def _default_method(cls, value: Any) -> Any:
+        # `method` picks the spec that validates the other keys; a peft section without it is LoRA.
+        if isinstance(value, dict) and "method" not in value:
+            return {"method": "lora", **value}
+        return value
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
         data, training = self.data, self.training
@@ -143,6 +150,7 @@ class Recipe(Strict):
             raise ValueError(
                 f"peft.method '{self.peft.method}' cannot train on a quantized base; remove the quantization section"
             )
+        self.peft.check_with(self)
         return self
 
     @property

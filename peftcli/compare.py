@@ -1,0 +1,184 @@
+"""`peftcli compare RECIPE --methods lora,dora,ia3,...`: the same recipe once per method — same
+data, seed and steps — and one table to choose from: trainable parameters, adapter size on disk,
+peak memory, tokens/s, wall time, final train loss, eval loss.
+
+Each method trains in its own process (`peftcli train`), so peak memory is that method's alone and
+one method failing does not stop the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from peftcli import console
+from peftcli.errors import UserError
+from peftcli.methods import REGISTRY
+from peftcli.recipe import Recipe, recipe_to_yaml
+from peftcli.recipe.load import RawRecipe, validate
+from peftcli.rundir import ADAPTER, MODEL, atomic_write_json, atomic_write_text, check_output_dir, create_output_dir
+
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("trainable params", "trainable_params", "{:,}"),
+    ("trainable %", "trainable_percent", "{:.3f}"),
+    ("size on disk (MiB)", "artifact_mb", "{:.3f}"),
+    ("peak memory (MiB)", "peak_memory_mb", "{:,.0f}"),
+    ("tokens/s", "train_tokens_per_s", "{:,.0f}"),
+    ("wall time (s)", "wall_s", "{:.1f}"),
+    ("final train loss", "train_loss", "{:.4f}"),
+    ("eval loss", "eval_loss", "{:.4f}"),
+)
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in REGISTRY]
+    if unknown:
+        raise UserError(f"--methods: unknown method(s) {', '.join(unknown)}", hint=f"methods: {', '.join(REGISTRY)}")
+    if len(set(names)) != len(names) or not names:
+        raise UserError("--methods: give each method once, e.g. --methods lora,dora,ia3")
+    return names
+
+
+def variant(recipe: Recipe, method: str, out: Path) -> Recipe:
+    """The recipe with another method: its own peft section if it already uses that method, else defaults."""
+    data = recipe.model_dump(mode="json")
+    if recipe.peft.method != method:
+        data["peft"] = {"method": method}
+    data["output"]["dir"] = str(out / method)
+    # e.g. a quantized recipe with a method that cannot train on a quantized base
+    return validate(RawRecipe(data=data, path=Path(f"--methods {method}")))
+
+
+def _artifact_mb(run_dir: Path) -> float:
+    folder = run_dir / MODEL if (run_dir / MODEL).is_dir() else run_dir / ADAPTER
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+
+
+def _run_one(recipe_file: Path, run_dir: Path) -> dict:
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftcli", "train", str(recipe_file), "--overwrite"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        return {"status": "failed", "error": errors[0] if errors else proc.stderr.strip()[-300:], "wall_s": wall}
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    keep = (
+        "trainable_params",
+        "total_params",
+        "trainable_percent",
+        "peak_memory_mb",
+        "train_tokens_per_s",
+        "train_runtime_s",
+        "train_loss",
+        "eval_loss",
+        "loss_history",
+        "device",
+    )
+    return {
+        "status": "completed",
+        "wall_s": wall,
+        "artifact_mb": _artifact_mb(run_dir),
+        **{k: metrics.get(k) for k in keep},
+    }
+
+
+def _cell(value, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        if row["status"] != "completed":
+            lines.append(f"| {row['method']} | failed: {row['error']} |" + " |" * (len(COLUMNS) - 2))
+            continue
+        lines.append("| " + " | ".join(_cell(row.get(key), fmt) for _, key, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["status"] == "completed"]
+    panels = [
+        ("trainable params", "trainable_params", True),
+        ("eval loss", "eval_loss", False),
+        ("tokens/s", "train_tokens_per_s", False),
+        ("peak memory (MiB)", "peak_memory_mb", False),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=100)
+    for ax, (title, key, log) in zip(axes, panels):
+        values = [r.get(key) or 0 for r in done]
+        ax.bar([r["method"] for r in done], values, color="#4c72b0")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=45)
+        if log and any(values):
+            ax.set_yscale("log")
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool = False) -> list[dict]:
+    variants = {m: variant(recipe, m, out) for m in methods}  # every refusal before any training
+    check_output_dir(out, overwrite)
+    create_output_dir(out, overwrite)
+    rows = []
+    for index, (method, recipe_variant) in enumerate(variants.items(), start=1):
+        recipe_file = out / f"{method}.yaml"
+        atomic_write_text(recipe_file, recipe_to_yaml(recipe_variant))
+        with console.err.status(f"[{index}/{len(methods)}] training with {method}"):
+            row = {"method": method, **_run_one(recipe_file, out / method)}
+        rows.append(row)
+        verdict = (
+            f"train loss {_cell(row.get('train_loss'), '{:.4f}')}, eval loss {_cell(row.get('eval_loss'), '{:.4f}')}"
+            if row["status"] == "completed"
+            else row["error"]
+        )
+        console.err.print(f"[{index}/{len(methods)}] {method}: {verdict} ({row['wall_s']:.1f} s)", markup=False)
+
+    t = recipe.training
+    summary = {"recipe": yaml.safe_load(recipe_to_yaml(recipe)), "methods": methods, "rows": rows}
+    atomic_write_json(out / "compare.json", summary)
+    plot(rows, out / "compare.png")
+    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
+    device = next((r["device"] for r in rows if r.get("device")), "?")
+    text = "\n".join(
+        [
+            f"# Method comparison on `{recipe.model.name}`",
+            "",
+            f"Same data, seed ({t.seed}) and length ({length}, batch {t.batch_size} x {t.gradient_accumulation}) for "
+            f"every method; each trained in its own process. Device: {device}.",
+            "Peak memory is CUDA memory allocated on a GPU, the process's resident memory on CPU.",
+            "",
+            markdown_table(rows),
+            "",
+            "![comparison](compare.png)",
+            "",
+            f"Each method's run directory (adapter, metrics, report) is in `{out}/<method>/`, its recipe in "
+            f"`{out}/<method>.yaml`.",
+            "",
+        ]
+    )
+    atomic_write_text(out / "compare.md", text)
+    console.out.print(markdown_table(rows), markup=False)
+    console.out.print(f"written to {out / 'compare.md'} (+ compare.json, compare.png)")
+    return rows

@@ -1,0 +1,65 @@
+"""Orthogonal fine-tuning: OFT (block-diagonal rotations) and BOFT (butterfly-factored rotations)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from peftcli.methods.base import MethodContext, MethodSpec, via_peft
+from peftcli.methods.targets import TargetModules
+from peftcli.spec import PositiveInt, Probability
+
+
+class OftSpec(MethodSpec):
+    method: Literal["oft"]
+    block_size: PositiveInt = Field(32, description="Size of each orthogonal block (adjusted to divide the layer).")
+    dropout: Probability = Field(0.0, description="Module dropout.")
+    coft: bool = Field(False, description="Constrained OFT (keeps the rotation near identity).")
+    eps: Annotated[float, Field(gt=0)] = Field(6e-5, description="COFT's constraint radius.")
+    block_share: bool = Field(False, description="Share one block across the layer.")
+    target_modules: TargetModules = "all-linear"
+
+
+class BoftSpec(MethodSpec):
+    method: Literal["boft"]
+    block_size: Annotated[int, Field(ge=0)] = Field(4, description="Block size; must divide every adapted layer.")
+    block_num: Annotated[int, Field(ge=0)] = Field(0, description="Number of blocks (set this or block_size).")
+    butterfly_factor: PositiveInt = Field(1, description="Butterfly factors (1 on machines without CUDA).")
+    dropout: Probability = 0.0
+    target_modules: TargetModules = "all-linear"
+
+    @model_validator(mode="after")
+    def _one_of_size_or_num(self) -> BoftSpec:
+        if (self.block_size == 0) == (self.block_num == 0):
+            raise ValueError("set exactly one of block_size and block_num to a non-zero value (the other to 0)")
+        return self
+
+
+apply_oft = via_peft(
+    "OFTConfig",
+    rename={"block_size": "oft_block_size", "dropout": "module_dropout"},
+    extra=lambda spec, model, ctx: {"r": 0},  # OFT takes a rank or a block size; we expose the block size
+)
+
+
+def _boft_without_kernel_rebuilds(spec, model, ctx: MethodContext) -> dict:
+    """PEFT tries to JIT-compile BOFT's CUDA kernel and, when that fails, retries for *every* adapted
+    layer (tens of seconds on a large model). Try once; if it failed, remember the failure."""
+    from peft.tuners.boft import layer
+
+    if layer.get_fbd_cuda() is None:
+        layer.get_fbd_cuda = lambda: None
+    return {}
+
+
+apply_boft = via_peft(
+    "BOFTConfig",
+    rename={
+        "block_size": "boft_block_size",
+        "block_num": "boft_block_num",
+        "butterfly_factor": "boft_n_butterfly_factor",
+        "dropout": "boft_dropout",
+    },
+    extra=_boft_without_kernel_rebuilds,
+)

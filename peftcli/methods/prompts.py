@@ -1,0 +1,92 @@
+"""Methods that add learned tokens or prompts instead of changing weights: prefix tuning, prompt
+tuning, P-tuning, and LLaMA-Adapter (adaption prompt). None can be merged into the weights."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from peftcli.errors import UserError
+from peftcli.methods.base import MethodContext, MethodSpec, via_peft
+from peftcli.spec import PositiveInt, Probability
+
+SERVE_WITH_PEFT = (
+    "serve it with the base model and PEFT: PeftModel.from_pretrained(base, 'RUN/adapter') "
+    "(or `peftcli generate --base MODEL --adapter NAME=RUN`)"
+)
+VirtualTokens = Field(16, gt=0, description="Learned tokens prepended to every input.")
+
+
+class PrefixTuningSpec(MethodSpec):
+    method: Literal["prefix_tuning"]
+    num_virtual_tokens: int = VirtualTokens
+    prefix_projection: bool = Field(False, description="Reparametrise the prefix through an MLP while training.")
+    encoder_hidden_size: PositiveInt | None = Field(None, description="Hidden size of that MLP.")
+
+    def check_with(self, recipe) -> None:
+        if recipe.training.gradient_checkpointing:
+            raise ValueError("peft.method prefix_tuning does not work with training.gradient_checkpointing: true")
+
+
+apply_prefix_tuning = via_peft("PrefixTuningConfig")
+
+
+class PromptTuningSpec(MethodSpec):
+    method: Literal["prompt_tuning"]
+    num_virtual_tokens: int = VirtualTokens
+    init: Literal["random", "text", "sample_vocab"] = Field(
+        "random", description="Start from random vectors, the embeddings of init_text, or random vocabulary rows."
+    )
+    init_text: str | None = Field(None, description="Text whose token embeddings start the prompt (init: text).")
+
+    @model_validator(mode="after")
+    def _text_init(self) -> PromptTuningSpec:
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init: text needs init_text (e.g. 'Answer the question concisely.')")
+        if self.init != "text" and self.init_text:
+            raise ValueError("init_text is used only with init: text")
+        return self
+
+
+def _prompt_init(spec: PromptTuningSpec, model, ctx: MethodContext) -> dict:
+    text = {"prompt_tuning_init_text": spec.init_text, "tokenizer_name_or_path": ctx.tokenizer_path}
+    return {"prompt_tuning_init": spec.init.upper(), **(text if spec.init == "text" else {})}
+
+
+apply_prompt_tuning = via_peft("PromptTuningConfig", rename={"init": None, "init_text": None}, extra=_prompt_init)
+
+
+class PTuningSpec(MethodSpec):
+    method: Literal["p_tuning"]
+    num_virtual_tokens: int = VirtualTokens
+    encoder: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder used while training.")
+    encoder_hidden_size: PositiveInt | None = Field(None, description="Encoder width (default: the model's).")
+    encoder_num_layers: PositiveInt = Field(2, description="LSTM layers (mlp has a fixed shape).")
+    encoder_dropout: Probability = 0.0
+
+
+apply_p_tuning = via_peft(
+    "PromptEncoderConfig",
+    rename={"encoder": None},
+    extra=lambda spec, model, ctx: {"encoder_reparameterization_type": spec.encoder.upper()},
+)
+
+
+class AdaptionPromptSpec(MethodSpec):
+    method: Literal["adaption_prompt"]
+    adapter_len: PositiveInt = Field(10, description="Learned prompt tokens per adapted layer.")
+    adapter_layers: PositiveInt | None = Field(None, description="Adapt the top N layers (default: all).")
+
+
+ADAPTION_PROMPT_MODELS = frozenset({"llama", "mistral"})
+
+
+def _adapter_layers(spec: AdaptionPromptSpec, model, ctx: MethodContext) -> dict:
+    layers = model.config.num_hidden_layers
+    if spec.adapter_layers is not None and spec.adapter_layers > layers:
+        raise UserError(f"peft.adapter_layers ({spec.adapter_layers}) exceeds the model's {layers} layers")
+    return {"adapter_layers": spec.adapter_layers or layers}
+
+
+apply_adaption_prompt = via_peft("AdaptionPromptConfig", extra=_adapter_layers)

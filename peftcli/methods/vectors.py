@@ -1,0 +1,56 @@
+"""Methods that train scaling vectors or norms, the fewest parameters: IA3, VeRA, LayerNorm tuning."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from peftcli.errors import UserError
+from peftcli.methods.base import MethodContext, MethodSpec, via_peft
+from peftcli.methods.targets import FEEDFORWARD_OUT, NormModules, TargetModules, resolve_targets
+from peftcli.spec import PositiveInt, Probability
+
+
+class Ia3Spec(MethodSpec):
+    method: Literal["ia3"]
+    target_modules: TargetModules = "all-linear"
+    feedforward_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="Targets whose input (not output) is scaled; auto = the MLP down-projection."
+    )
+
+
+def _ia3_feedforward(spec: Ia3Spec, model, ctx: MethodContext) -> dict:
+    # An explicit subset of the targets (possibly empty) is always passed: peft cannot reload an IA3
+    # adapter whose default feedforward module is missing from its targets.
+    targets = resolve_targets(spec.target_modules, model)
+    if spec.feedforward_modules == "auto":
+        return {"feedforward_modules": [t for t in targets if t in FEEDFORWARD_OUT]}
+    outside = [f for f in spec.feedforward_modules if f not in targets]
+    if outside:
+        raise UserError(f"peft.feedforward_modules {outside} are not in peft.target_modules {targets}")
+    return {"feedforward_modules": list(spec.feedforward_modules)}
+
+
+apply_ia3 = via_peft("IA3Config", extra=_ia3_feedforward)
+
+
+class VeraSpec(MethodSpec):
+    method: Literal["vera"]
+    r: PositiveInt = Field(256, description="Rank of the shared random projections.")
+    dropout: Probability = 0.0
+    d_initial: float = Field(0.1, description="Initial value of the trained scaling vector d.")
+    projection_prng_key: int = Field(0, description="Seed of the frozen random projections.")
+    save_projection: bool = Field(True, description="Store the projections in the adapter (else regenerate).")
+    target_modules: TargetModules = "all-linear"
+
+
+apply_vera = via_peft("VeraConfig", rename={"dropout": "vera_dropout"})
+
+
+class LnTuningSpec(MethodSpec):
+    method: Literal["ln_tuning"]
+    target_modules: NormModules = Field("all-norms", description="Norm layers to train (all-norms or names).")
+
+
+apply_ln_tuning = via_peft("LNTuningConfig", targets="norm")

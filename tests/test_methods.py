@@ -1,0 +1,168 @@
+"""Every method in the registry, one row each: trains, reloads identically in plain PEFT, merges (or
+refuses to, saying why), and trains on a 4-bit base where the registry says it can."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ROOT, base_recipe, read_json, write_recipe
+
+from peftcli.methods import REGISTRY
+
+# Settings that make each method learn something in a handful of steps on the tiny model.
+METHOD_KEYS = {
+    "lora": {"r": 4},
+    "dora": {"r": 4},
+    "adalora": {"init_r": 6, "target_r": 4, "tinit": 1, "tfinal": 1},
+    "ia3": {},
+    "loha": {"r": 4},
+    "lokr": {"r": 4},
+    "vera": {"r": 32},
+    "oft": {"block_size": 16},
+    "boft": {"block_size": 4},
+    "ln_tuning": {},
+    "prefix_tuning": {"num_virtual_tokens": 4},
+    "prompt_tuning": {"num_virtual_tokens": 4, "init": "text", "init_text": "Answer with one word."},
+    "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 32},
+    "adaption_prompt": {"adapter_len": 4},
+    "full": {},
+    "freeze": {"layers": 1},
+}
+LEARNING_RATE = {
+    "full": 1e-3,
+    "freeze": 1e-3,
+    "ia3": 5e-2,
+    "ln_tuning": 5e-2,
+    "vera": 5e-2,
+    "prompt_tuning": 5e-2,
+    "prefix_tuning": 1e-2,
+    "p_tuning": 1e-2,
+    "adaption_prompt": 5e-2,
+}
+
+
+def test_every_registered_method_has_a_test_row():
+    assert set(METHOD_KEYS) == set(REGISTRY)
+
+
+def _train(tmp_path, tiny_model, method, steps=8, **sections):
+    from peftcli.recipe import load_recipe
+    from peftcli.train import run_training
+
+    recipe = base_recipe(
+        tiny_model,
+        tmp_path / "run",
+        peft={"method": method, **METHOD_KEYS[method]},
+        training={"max_steps": steps, "learning_rate": LEARNING_RATE.get(method, 1e-2), "save_steps": 100},
+        **sections,
+    )
+    # base_recipe's LoRA keys do not belong to other methods
+    recipe["peft"] = {"method": method, **METHOD_KEYS[method]}
+    return run_training(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe)))
+
+
+def _probe(tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer(["What comes after Monday?", "Add two and three please."], return_tensors="pt", padding=True)
+
+
+def _logits(model, probe):
+    model.eval()
+    with torch.no_grad():
+        out = model(**probe).logits
+    return out[:, -probe["input_ids"].shape[1] :, :]  # prompt methods prepend virtual positions
+
+
+@pytest.mark.parametrize("method", list(REGISTRY))
+def test_method_trains_reloads_and_merges(method, tmp_path, tiny_model, cli):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    outcome = _train(tmp_path, tiny_model, method)
+    losses = [h["loss"] for h in read_json(outcome.run_dir / "metrics.json")["loss_history"]]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 <= sum(losses[:3]) / 3 + 0.05, losses  # decreasing or flat
+
+    probe = _probe(tiny_model)
+    trained = _logits(outcome.model, probe)
+    registry_row = REGISTRY[method]
+    if registry_row.saves_full_model:
+        reloaded = AutoModelForCausalLM.from_pretrained(outcome.run_dir / "model")
+        assert not (outcome.run_dir / "adapter").exists()
+    else:
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)
+        reloaded = PeftModel.from_pretrained(base, outcome.run_dir / "adapter")
+    reload_diff = (_logits(reloaded, probe) - trained).abs().max().item()
+    # AdaLoRA saves its pruned ranks as smaller matrices, so the reload sums in a different order.
+    assert reload_diff <= (1e-5 if method == "adalora" else 0.0), f"reloaded model differs by {reload_diff}"
+
+    result = cli("merge", outcome.run_dir, "--out", tmp_path / "merged")
+    if registry_row.mergeable:
+        assert result.code == 0, result.err
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        assert (_logits(merged, probe) - trained).abs().max() < 1e-4
+    else:
+        assert result.code == 2
+        assert "cannot be merged" in result.err and "PeftModel.from_pretrained" in result.err
+        assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("method", [name for name, m in REGISTRY.items() if m.quantized_base])
+def test_method_trains_on_a_4bit_base(method, tmp_path, tiny_model):
+    outcome = _train(tmp_path, tiny_model, method, steps=3, quantization={"bits": 4})
+    metrics = read_json(outcome.run_dir / "metrics.json")
+    assert metrics["quantization"] == "4-bit nf4"
+    assert all(torch.isfinite(torch.tensor([h["loss"] for h in metrics["loss_history"]])))
+
+
+@pytest.mark.parametrize("method", [name for name, m in REGISTRY.items() if not m.quantized_base])
+def test_method_refuses_a_quantized_base_before_loading(method, tmp_path, tiny_model, cli):
+    recipe = base_recipe(tiny_model, tmp_path / "run", quantization={"bits": 4})
+    recipe["peft"] = {"method": method}
+    result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.code == 2 and "cannot train on a quantized base" in result.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_method_specific_keys_are_checked(cli, tmp_path, tiny_model):
+    recipe = base_recipe(tiny_model, tmp_path / "run")
+    recipe["peft"] = {"method": "ia3", "alpha": 16}
+    result = cli("validate", write_recipe(tmp_path / "a.yaml", recipe))
+    assert result.code == 2 and "'alpha' is not a key of peft.method 'ia3'" in result.err
+    assert "ia3 takes: target_modules, feedforward_modules" in result.err
+    recipe["peft"] = {"method": "lora", "num_virtual_tokens": 8}
+    result = cli("validate", write_recipe(tmp_path / "b.yaml", recipe))
+    assert result.code == 2 and "'num_virtual_tokens' is not a key of peft.method 'lora'" in result.err
+
+
+def test_unsupported_architecture_fails_before_training(cli, tmp_path, tiny_qwen):
+    recipe = base_recipe(tiny_qwen, tmp_path / "run")
+    recipe["peft"] = {"method": "adaption_prompt"}
+    result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.code == 2 and "does not support model type 'qwen2'" in result.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_target_modules_that_match_nothing_list_what_exists(cli, tmp_path, tiny_model):
+    recipe = base_recipe(tiny_model, tmp_path / "run", peft={"target_modules": ["query", "value"]})
+    result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.code == 2 and "match no module" in result.err
+    assert "q_proj" in result.err and "down_proj" in result.err
+
+
+def test_methods_command_lists_every_method_with_shares(cli, tiny_model):
+    result = cli("methods", "--model", tiny_model, "--markdown")
+    assert result.code == 0, result.err
+    for name in REGISTRY:
+        assert f"| {name} |" in result.out
+    assert "100.000 %" in result.out  # `full` trains every parameter
+
+
+def test_readme_carries_the_methods_table(cli):
+    result = cli("methods", "--markdown")
+    assert result.out.strip() in (ROOT / "README.md").read_text(), (
+        "README methods table is stale: paste `peftcli methods --markdown`"
+    )
