@@ -11,24 +11,24 @@ from peftcli.methods.targets import TargetModules
 from peftcli.spec import PositiveFloat, PositiveInt, Probability
 
 
-class LohaSpec(MethodSpec):
-    method: Literal["loha"]
-    r: PositiveInt = Field(8, description="Rank of each Hadamard factor.")
+class _ProductKeys(MethodSpec):
+    """Keys LoHa and LoKr share."""
+
+    r: PositiveInt = Field(8, description="Rank of the low-rank factors.")
     alpha: PositiveFloat = Field(8, description="Scaling numerator.")
     rank_dropout: Probability = 0.0
     module_dropout: Probability = 0.0
     target_modules: TargetModules = "all-linear"
 
 
-class LokrSpec(MethodSpec):
+class LohaSpec(_ProductKeys):
+    method: Literal["loha"]
+
+
+class LokrSpec(_ProductKeys):
     method: Literal["lokr"]
-    r: PositiveInt = Field(8, description="Rank of the low-rank Kronecker factor.")
-    alpha: PositiveFloat = Field(8, description="Scaling numerator.")
-    rank_dropout: Probability = 0.0
-    module_dropout: Probability = 0.0
     decompose_both: bool = Field(False, description="Low-rank decompose the left factor too.")
     decompose_factor: int = Field(-1, description="Kronecker factor size; -1 picks it from the shape.")
-    target_modules: TargetModules = "all-linear"
 
 
 apply_loha = via_peft("LoHaConfig")
