@@ -166,3 +166,38 @@ def test_readme_carries_the_methods_table(cli):
     assert result.out.strip() in (ROOT / "README.md").read_text(), (
         "README methods table is stale: paste `peftcli methods --markdown`"
     )
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [{"init": "pissa"}, {"init": "olora"}, {"layers_to_transform": [1]}, {"modules_to_save": ["lm_head"]},
+     {"use_rslora": True, "init": "gaussian"}],
+    ids=["pissa", "olora", "layers_to_transform", "modules_to_save", "rslora-gaussian"],
+)
+def test_lora_variants_reload_on_the_original_base(keys, tmp_path, tiny_model, cli):
+    """PiSSA/OLoRA rewrite the base weights while training; the saved adapter must still apply to
+    the *original* base (converted to a plain LoRA), and merge must reproduce the trained model."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftcli.recipe import load_recipe
+    from peftcli.train import run_training
+
+    recipe = base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 6, "save_steps": 100})
+    recipe["peft"] = {"method": "lora", "r": 4, **keys}
+    outcome = run_training(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    probe = _probe(tiny_model)
+    trained = _logits(outcome.model, probe)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), outcome.run_dir / "adapter")
+    assert (_logits(reloaded, probe) - trained).abs().max() < 1e-4
+    config = json.loads((outcome.run_dir / "adapter" / "adapter_config.json").read_text())
+    if "init" in keys and keys["init"] in ("pissa", "olora"):
+        assert config["init_lora_weights"] is True and config["r"] == 8  # a plain LoRA, rank doubled
+    if "layers_to_transform" in keys:
+        adapted = {name for name, _ in reloaded.named_parameters() if "lora_A" in name}
+        assert adapted and all(".layers.1." in name for name in adapted)
+    if "modules_to_save" in keys:
+        assert config["modules_to_save"] == ["lm_head"]
+    assert cli("merge", outcome.run_dir, "--out", tmp_path / "merged").code == 0
