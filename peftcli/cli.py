@@ -69,7 +69,7 @@ def train(
     [dim]Example: peftcli train recipes/demo.yaml --set training.max_steps=50[/]
     """
     resolved = _load(recipe, set_)
-    from peftcli.train import run_training
+    from peftcli.training import run_training
 
     outcome = run_training(resolved, overwrite=overwrite, console=console.err)
     metrics = outcome.run_dir / "metrics.json"
@@ -173,6 +173,33 @@ def compare(
     resolved = _load(recipe, set_)
     target = out.resolve() if out else Path(f"{resolved.output.dir}-compare")
     run_compare(resolved, names, target, overwrite=overwrite)
+
+
+data_app = typer.Typer(help="Inspect the data a recipe trains on.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: Path = RecipeArg,
+    set_: list[str] = SetOpt,
+    rows: int = typer.Option(3, "--rows", "-n", min=0, help="How many training examples to show."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per example: text, input_ids, labels."),
+) -> None:
+    """Show training examples exactly as the model sees them (trained tokens highlighted) + data stats.
+
+    [dim]Example: peftcli data preview recipes/demo.yaml --rows 2[/]
+    """
+    resolved = _load(recipe, set_)
+    from peftcli import modeling
+    from peftcli.data import prepare_data
+    from peftcli.data.preview import show
+
+    modeling.check_model_source(resolved.model)
+    modeling.quiet_libraries()
+    tokenizer = modeling.load_tokenizer(resolved.model)
+    data = prepare_data(resolved.data, tokenizer, resolved.training.seed)
+    show(tokenizer, data, rows, as_json, resolved, console.out)
 
 
 @app.command()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from peftcli.rundir import LOSS_PLOT, METRICS, REPORT, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from peftcli.train import TrainOutcome
+    from peftcli.training import TrainOutcome
 
 PACKAGES = ("peftcli", "torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate")
 

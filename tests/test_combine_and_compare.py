@@ -13,7 +13,7 @@ from conftest import DEMO_EVAL, base_recipe, read_json, write_recipe
 def two_runs(tmp_path_factory, tiny_model):
     """Two LoRA runs on the same base, trained on different halves of the task (different seeds)."""
     from peftcli.recipe import load_recipe
-    from peftcli.train import run_training
+    from peftcli.training import run_training
 
     tmp = tmp_path_factory.mktemp("combine")
     runs = []
@@ -108,7 +108,7 @@ def test_refusals(two_runs, tiny_model, cli, tmp_path):
 
 def test_dora_and_rank_mismatch_are_refused(two_runs, tiny_model, cli, tmp_path):
     from peftcli.recipe import load_recipe
-    from peftcli.train import run_training
+    from peftcli.training import run_training
 
     recipe = base_recipe(tiny_model, tmp_path / "dora", training={"max_steps": 2})
     recipe["peft"] = {"method": "dora", "r": 4}

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 
 def _train(tmp_path, tiny_model, **sections):
     from peftcli.recipe import load_recipe
-    from peftcli.train import run_training
+    from peftcli.training import run_training
 
     recipe = base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 20}, **sections)
     return run_training(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe))).run_dir

@@ -47,7 +47,7 @@ def test_every_registered_method_has_a_test_row():
 
 def _train(tmp_path, tiny_model, method, steps=8, **sections):
     from peftcli.recipe import load_recipe
-    from peftcli.train import run_training
+    from peftcli.training import run_training
 
     recipe = base_recipe(
         tiny_model,
@@ -170,8 +170,13 @@ def test_readme_carries_the_methods_table(cli):
 
 @pytest.mark.parametrize(
     "keys",
-    [{"init": "pissa"}, {"init": "olora"}, {"layers_to_transform": [1]}, {"modules_to_save": ["lm_head"]},
-     {"use_rslora": True, "init": "gaussian"}],
+    [
+        {"init": "pissa"},
+        {"init": "olora"},
+        {"layers_to_transform": [1]},
+        {"modules_to_save": ["lm_head"]},
+        {"use_rslora": True, "init": "gaussian"},
+    ],
     ids=["pissa", "olora", "layers_to_transform", "modules_to_save", "rslora-gaussian"],
 )
 def test_lora_variants_reload_on_the_original_base(keys, tmp_path, tiny_model, cli):
@@ -183,7 +188,7 @@ def test_lora_variants_reload_on_the_original_base(keys, tmp_path, tiny_model, c
     from transformers import AutoModelForCausalLM
 
     from peftcli.recipe import load_recipe
-    from peftcli.train import run_training
+    from peftcli.training import run_training
 
     recipe = base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 6, "save_steps": 100})
     recipe["peft"] = {"method": "lora", "r": 4, **keys}

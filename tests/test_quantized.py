@@ -12,7 +12,7 @@ from conftest import base_recipe, read_json, write_recipe
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, tiny_model):
     from peftcli.recipe import load_recipe
-    from peftcli.train import run_training
+    from peftcli.training import run_training
 
     tmp = tmp_path_factory.mktemp("qlora")
     recipe = base_recipe(
@@ -58,7 +58,7 @@ def test_qlora_merges_into_the_unquantized_base(qlora_run, tiny_model, cli, tmp_
 
 def test_8bit_base_trains(tmp_path, tiny_model):
     from peftcli.recipe import load_recipe
-    from peftcli.train import run_training
+    from peftcli.training import run_training
 
     recipe = base_recipe(tiny_model, tmp_path / "run", quantization={"bits": 8}, training={"max_steps": 3})
     outcome = run_training(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe)))

@@ -7,6 +7,7 @@ Every check a row can fail lives here and raises `BadRowError` with a reason a u
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,11 @@ def _turn_list(values: dict[str, Any], field: str, role_key: str, text_key: str,
     items = values.get(field)
     if items is None:
         raise BadRowError(f"missing field '{field}'")
+    if isinstance(items, str):  # CSV (and some parquet) files store the turns as a JSON string
+        try:
+            items = json.loads(items)
+        except json.JSONDecodeError:
+            raise BadRowError(f"field '{field}' is text that is not a JSON list of turns") from None
     if not isinstance(items, list):
         raise BadRowError(f"field '{field}' should be a list of turns, got {type(items).__name__}")
     turns = []

@@ -121,6 +121,7 @@ _ROWS = [
         apply_prefix_tuning,
         "Learned key/value prefixes at every layer; good for style and format.",
         mergeable=False,
+        packing=False,
         quantized_base=True,
         serve_hint="prefix tuning adds learned key/value prefixes at run time, there is no weight to fold "
         "them into; " + SERVE_WITH_PEFT,
@@ -131,6 +132,7 @@ _ROWS = [
         apply_prompt_tuning,
         "Learned soft-prompt embeddings; the lightest option on very large models.",
         mergeable=False,
+        packing=False,
         quantized_base=True,
         serve_hint="prompt tuning prepends learned embeddings to the input, there is no weight to fold "
         "them into; " + SERVE_WITH_PEFT,
@@ -141,6 +143,7 @@ _ROWS = [
         apply_p_tuning,
         "Soft prompt produced by a small encoder while training.",
         mergeable=False,
+        packing=False,
         quantized_base=True,
         serve_hint="p-tuning prepends learned embeddings to the input, there is no weight to fold them "
         "into; " + SERVE_WITH_PEFT,
@@ -151,6 +154,7 @@ _ROWS = [
         apply_adaption_prompt,
         "LLaMA-Adapter: gated learned prompts in the top layers' attention (Llama/Mistral).",
         mergeable=False,
+        packing=False,
         quantized_base=True,
         model_types=ADAPTION_PROMPT_MODELS,
         fused_loss=False,

@@ -92,6 +92,9 @@ class Method:
     fused_loss: bool = True
     # `full`/`freeze` train the base weights themselves: the run saves `model/`, not `adapter/`.
     saves_full_model: bool = False
+    # Packing keeps examples apart through per-example position ids; methods that prepend virtual
+    # tokens or key/value prefixes ignore or break them.
+    packing: bool = True
 
     def keys(self) -> dict[str, Any]:
         """The recipe keys this method takes, with their defaults (as `method: <name>` resolves them)."""

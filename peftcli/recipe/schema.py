@@ -150,6 +150,11 @@ class Recipe(Strict):
             raise ValueError(
                 f"peft.method '{self.peft.method}' cannot train on a quantized base; remove the quantization section"
             )
+        if self.data.packing and not method.packing:
+            raise ValueError(
+                f"data.packing: peft.method '{self.peft.method}' adds virtual tokens that break the per-example "
+                "position ids packing relies on; set data.packing: false"
+            )
         self.peft.check_with(self)
         return self
 

@@ -1,0 +1,100 @@
+"""`peftcli data preview`: the first examples exactly as the model will see them — every token, with
+the ones that carry loss highlighted — and the statistics of the whole dataset.
+
+It runs the same `prepare_data` as training, so a mask that looks right here is the mask that is
+trained. `--json` prints one object per example (`text`, `input_ids`, `labels`) for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from rich.table import Table
+from rich.text import Text
+
+from peftcli.data.encode import IGNORE, Encoded
+from peftcli.data.pipeline import PreparedData, SplitStats
+
+
+def estimated_padding(items: list[Encoded], batch_size: int, seed: int) -> float:
+    """Padding share of randomly ordered, right-padded batches (what training without packing pays)."""
+    lengths = [len(i.input_ids) for i in items]
+    random.Random(seed).shuffle(lengths)
+    padded = real = 0
+    for start in range(0, len(lengths), batch_size):
+        chunk = lengths[start : start + batch_size]
+        real += sum(chunk)
+        padded += max(chunk) * len(chunk) - sum(chunk)
+    return padded / (padded + real) if real else 0.0
+
+
+def example_json(tokenizer, item: Encoded) -> str:
+    return json.dumps(
+        {
+            "origin": item.origin,
+            "text": tokenizer.decode(item.input_ids),
+            "input_ids": item.input_ids,
+            "labels": item.labels,
+        },
+        ensure_ascii=False,
+    )
+
+
+def render_example(tokenizer, item: Encoded, marks: bool = False) -> Text:
+    """The example token by token: trained tokens in bold green, the rest dimmed. With `marks`
+    (no colour: a log or a pipe), trained runs are bracketed as ⟦...⟧ instead."""
+    text = Text()
+    trained_before = False
+    for token, label in zip(item.input_ids, item.labels):
+        trained = label != IGNORE
+        if marks and trained != trained_before:
+            text.append("⟦" if trained else "⟧")
+        text.append(tokenizer.decode([token]), style="bold green" if trained else "dim")
+        trained_before = trained
+    if marks and trained_before:
+        text.append("⟧")
+    return text
+
+
+def stats_table(data: PreparedData, batch_size: int, seed: int, packing: bool) -> Table:
+    table = Table(title="dataset")
+    table.add_column("")
+    splits: list[tuple[str, SplitStats, list[Encoded]]] = [("train", data.train_stats, data.train)]
+    if data.eval:
+        splits.append(("eval", data.eval_stats, data.eval))
+    for name, _, _ in splits:
+        table.add_column(name, justify="right")
+    rows = {key: [] for key in ("rows", "tokens", "trained_tokens", "truncated", "dropped", "skipped")}
+    for _, stats, _ in splits:
+        for key in rows:
+            rows[key].append(f"{getattr(stats, key):,}")
+    for key, values in rows.items():
+        table.add_row(key.replace("_", " "), *values)
+    table.add_row("formats", *[", ".join(f"{k} {v}" for k, v in stats.formats.items()) for _, stats, _ in splits])
+    padding = "0 % (packed)" if packing else f"{100 * estimated_padding(data.train, batch_size, seed):.1f} % (est.)"
+    table.add_row("padding", padding, *([""] * (len(splits) - 1)))
+    return table
+
+
+def show(tokenizer, data: PreparedData, rows: int, as_json: bool, recipe, out_console) -> None:
+    items = data.train[:rows]
+    if as_json:
+        for item in items:
+            out_console.print(example_json(tokenizer, item), markup=False, highlight=False, soft_wrap=True)
+        return
+    template = data.template.name if data.template else "none (raw text)"
+    marks = out_console.color_system is None
+    legend = "⟦trained tokens⟧" if marks else "[bold green]trained tokens[/] / [dim]masked tokens[/]"
+    out_console.print(f"chat template: {template}; loss on: {recipe.data.train_on}; {legend}")
+    for item in items:
+        out_console.rule(
+            f"{item.origin}: {len(item.input_ids)} tokens, {item.trained_tokens} trained"
+            + (" (truncated)" if item.truncated else "")
+        )
+        out_console.print(render_example(tokenizer, item, marks))
+    out_console.rule()
+    out_console.print(stats_table(data, recipe.training.batch_size, recipe.training.seed, recipe.data.packing))
+    for name, stats in (("train", data.train_stats), ("eval", data.eval_stats)):
+        for reason, origins in stats.skipped_reasons.items():
+            out_console.print(f"skipped ({name}): {reason}: {', '.join(origins)}", markup=False)

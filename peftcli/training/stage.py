@@ -1,0 +1,192 @@
+"""`peftcli train`: recipe -> tokenizer + data -> base model -> PEFT method -> trainer -> run dir.
+
+Read top to bottom, this is the whole training stage. Everything that can fail because of the
+user's input (recipe, data, model path, environment) is checked before the model is loaded and
+before anything is written to `output.dir`.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftcli import console as cli_console
+from peftcli import modeling, report
+from peftcli.data import PreparedData, prepare_data
+from peftcli.errors import UserError
+from peftcli.methods import Method, MethodContext, method_of
+from peftcli.recipe import Recipe, recipe_to_yaml
+from peftcli.rundir import RECIPE, artifact_dir, atomic_dir, atomic_write_text, check_output_dir, create_output_dir
+from peftcli.training.trainer import TokenCounter, build_trainer
+
+
+@dataclass
+class TrainOutcome:
+    """What the training stage hands to the report."""
+
+    recipe: Recipe
+    run_dir: Path
+    data: PreparedData
+    log_history: list[dict]
+    trainable_params: int
+    total_params: int
+    runtime_s: float
+    steps: int
+    epochs: float
+    tokens: TokenCounter
+    eval_loss: float | None
+    peak_memory_mb: float
+    device: str
+    dtype: str
+    status: str = "completed"
+    extra: dict = field(default_factory=dict)
+    # The trained model, for callers that go on in the same process (tests compare it with reloads).
+    model: Any = None
+
+
+@dataclass
+class Prepared:
+    """Tokenizer, data and the model wrapped by its method: everything the trainer needs."""
+
+    tokenizer: Any
+    data: PreparedData
+    model: Any
+    method: Method
+    ctx: MethodContext
+    dtype: Any
+    scratch: tempfile.TemporaryDirectory
+
+
+def planned_steps(recipe: Recipe, train_rows: int) -> int:
+    t = recipe.training
+    if t.max_steps:
+        return t.max_steps
+    per_epoch = max(1, math.ceil(train_rows / (t.batch_size * t.gradient_accumulation)))
+    return max(1, math.ceil(per_epoch * (t.epochs or 1.0)))
+
+
+def preflight(recipe: Recipe, overwrite: bool) -> None:
+    """Every check that needs no weights: the output folder, the model folder, the environment."""
+    method = method_of(recipe.peft)
+    check_output_dir(Path(recipe.output.dir), overwrite)
+    modeling.check_model_source(recipe.model)
+    modeling.check_quantization(recipe.quantization)
+    config = modeling.read_config(recipe.model)
+    if method.model_types is not None and config and config.get("model_type") not in method.model_types:
+        raise UserError(
+            f"peft.method '{method.name}' does not support model type '{config.get('model_type')}'",
+            hint=f"it supports: {', '.join(sorted(method.model_types))}",
+        )
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Load the tokenizer and data (fast, and where most user errors surface), then the model."""
+    from transformers import set_seed
+
+    modeling.quiet_libraries()
+    method = method_of(recipe.peft)
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    data = prepare_data(recipe.data, tokenizer, recipe.training.seed)
+    set_seed(recipe.training.seed)
+    dtype = modeling.compute_dtype(recipe.model.dtype)
+    model = modeling.load_model(recipe.model, recipe.quantization, dtype)
+    model = modeling.prepare_for_training(model, recipe.quantization, recipe.training.gradient_checkpointing)
+    scratch = tempfile.TemporaryDirectory(prefix="peftcli-")
+    ctx = MethodContext(
+        model_config=model.config.to_dict(),
+        tokenizer_path=recipe.model.tokenizer or recipe.model.name,
+        total_steps=planned_steps(recipe, len(data.train)),
+        scratch_dir=Path(scratch.name),
+    )
+    model = method.apply(recipe.peft, model, ctx)
+    return Prepared(tokenizer, data, model, method, ctx, dtype, scratch)
+
+
+def describe_packing(trainer, prepared: Prepared) -> str:
+    impl = getattr(prepared.model.config, "_attn_implementation", None) or "default"
+    rows = len(trainer.train_dataset)
+    how = (
+        "varlen flash-attention kernels"
+        if impl.startswith("flash")
+        else f"{impl} attention with a block-diagonal mask built from the per-example position ids "
+        "(flash_attention_2 on a GPU is the faster varlen path)"
+    )
+    return f"packing: {len(prepared.data.train)} examples into {rows} padding-free rows; examples stay apart via {how}"
+
+
+def run_training(recipe: Recipe, *, overwrite: bool = False, console=None) -> TrainOutcome:
+    import torch
+
+    from peftcli.training.progress import TrainingProgress
+
+    out = Path(recipe.output.dir)
+    preflight(recipe, overwrite)
+    prepared = prepare(recipe)
+    trainable, total = modeling.count_params(prepared.model)
+
+    # The run directory is created only now: a recipe or data error leaves nothing behind.
+    create_output_dir(out, overwrite)
+    atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
+    trainer = build_trainer(
+        recipe,
+        prepared.model,
+        prepared.tokenizer,
+        prepared.data,
+        out,
+        prepared.dtype,
+        prepared.method,
+        callbacks=[TrainingProgress(console)],
+    )
+    _report_data(prepared, trainer, recipe)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train()
+    runtime = time.perf_counter() - started
+
+    # The adapter (or full model) + tokenizer with its chat template, atomically.
+    with atomic_dir(artifact_dir(out, prepared.method)) as tmp:
+        prepared.method.save(recipe.peft, trainer.model, tmp, prepared.ctx)
+        prepared.tokenizer.save_pretrained(tmp)
+    prepared.scratch.cleanup()
+    eval_loss = trainer.evaluate()["eval_loss"] if prepared.data.eval else None
+
+    outcome = TrainOutcome(
+        recipe=recipe,
+        run_dir=out,
+        data=prepared.data,
+        log_history=list(trainer.state.log_history),
+        trainable_params=trainable,
+        total_params=total,
+        runtime_s=runtime,
+        steps=trainer.state.global_step,
+        epochs=float(trainer.state.epoch or 0.0),
+        tokens=trainer.token_counter,
+        eval_loss=eval_loss,
+        peak_memory_mb=report.peak_memory_mb(),
+        device=modeling.device_name(),
+        dtype=str(prepared.dtype).removeprefix("torch."),
+        model=trainer.model,
+    )
+    report.write_run_report(outcome)
+    return outcome
+
+
+def _report_data(prepared: Prepared, trainer, recipe: Recipe) -> None:
+    """Say what the data stage did that the user may not expect: skips, drops, packing."""
+    for name, stats in (("train", prepared.data.train_stats), ("eval", prepared.data.eval_stats)):
+        if stats.skipped:
+            reasons = "; ".join(f"{reason} ({', '.join(rows)})" for reason, rows in stats.skipped_reasons.items())
+            cli_console.warn(f"data.{name}: skipped {stats.skipped} bad rows (data.bad_rows: skip): {reasons}")
+        if stats.dropped or stats.truncated:
+            cli_console.note(
+                f"data.{name}: {stats.truncated} examples truncated, {stats.dropped} dropped "
+                f"(longer than data.max_length {recipe.data.max_length}, data.overlong: {recipe.data.overlong})"
+            )
+    if recipe.data.packing:
+        cli_console.note(describe_packing(trainer, prepared))
