@@ -63,15 +63,29 @@ def train(
     recipe: Path = RecipeArg,
     set_: list[str] = SetOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in output.dir first."),
+    resume: str = typer.Option(
+        None,
+        "--resume",
+        metavar="[CHECKPOINT]",
+        help="Continue the run in output.dir from its newest complete checkpoint, or from CHECKPOINT.",
+    ),
+    force: bool = typer.Option(False, "--force", help="With --resume: accept a recipe that differs from the run's."),
 ) -> None:
     """Train an adapter as the recipe says and write the run directory.
 
-    [dim]Example: peftcli train recipes/demo.yaml --set training.max_steps=50[/]
+    [dim]Examples: peftcli train recipes/demo.yaml --set training.max_steps=50
+    peftcli train recipes/demo.yaml --resume   (after an interruption)[/]
     """
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; choose one")
+    if force and not resume:
+        raise UserError("--force only applies with --resume")
     resolved = _load(recipe, set_)
     from peftcli.training import run_training
 
-    outcome = run_training(resolved, overwrite=overwrite, console=console.err)
+    outcome = run_training(
+        resolved, overwrite=overwrite, resume=resume, force=force, console=console.err, source=str(recipe)
+    )
     metrics = outcome.run_dir / "metrics.json"
     console.out.print(f"run written to {outcome.run_dir} (report: {outcome.run_dir / 'report.md'}, metrics: {metrics})")
 
@@ -224,10 +238,25 @@ def _debug() -> bool:
     return os.environ.get("PEFTCLI_DEBUG", "") not in ("", "0")
 
 
-def _print_error(message: str, hint: str | None) -> None:
-    console.err.print(f"error: {message}", markup=False, style="red")
+def _print_error(message: str, hint: str | None, label: str = "error") -> None:
+    from peftcli.secrets import redact
+
+    console.err.print(f"{label}: {redact(message)}", markup=False, style="red" if label == "error" else "yellow")
     if hint:
-        console.err.print(f"hint: {hint}", markup=False)
+        console.err.print(f"hint: {redact(hint)}", markup=False)
+
+
+def _resume_flag(argv: list[str]) -> list[str]:
+    """`--resume` may stand alone (= the newest checkpoint) or take a checkpoint folder. Click options
+    always take a value, so a bare `--resume` (last, or followed by an option or by a file such as
+    the recipe) is rewritten to `--resume=latest`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--resume":
+            following = out[i + 1] if i + 1 < len(out) else None
+            if following is None or following.startswith("-") or not Path(following).is_dir():
+                out[i] = "--resume=latest"
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,11 +271,11 @@ def main(argv: list[str] | None = None) -> None:
         # Library deprecation chatter is not actionable for our users; PEFTCLI_DEBUG=1 shows it.
         warnings.filterwarnings("ignore")
     try:
-        app(args=argv, prog_name="peftcli", standalone_mode=False)
+        app(args=_resume_flag(sys.argv[1:] if argv is None else argv), prog_name="peftcli", standalone_mode=False)
     except ReportedError as exc:
         if _debug():
             raise
-        _print_error(exc.message, exc.hint)
+        _print_error(exc.message, exc.hint, exc.label)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -15,6 +15,7 @@ class ReportedError(Exception):
     """An error printed as `error: <message>` plus an optional `hint:` line, exiting with `exit_code`."""
 
     exit_code = EXIT_BUG
+    label = "error"
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -36,6 +37,8 @@ class CheckFailed(ReportedError):
 
 class Interrupted(ReportedError):
     """Training stopped on a signal after saving a checkpoint; exits 128 + the signal number."""
+
+    label = "interrupted"
 
     def __init__(self, signum: int, message: str, hint: str | None = None):
         super().__init__(message, hint)

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from peftcli.rundir import LOSS_PLOT, METRICS, REPORT, atomic_write_json, atomic_write_text
+from peftcli.secrets import redact
 
 if TYPE_CHECKING:
     from peftcli.training import TrainOutcome
@@ -172,5 +173,5 @@ def write_run_report(outcome: TrainOutcome) -> dict:
     metrics = build_metrics(outcome)
     has_plot = plot_loss(metrics["loss_history"], outcome.run_dir / LOSS_PLOT)
     atomic_write_json(outcome.run_dir / METRICS, metrics)
-    atomic_write_text(outcome.run_dir / REPORT, render_report(metrics, outcome.recipe, has_plot))
+    atomic_write_text(outcome.run_dir / REPORT, redact(render_report(metrics, outcome.recipe, has_plot)))
     return metrics

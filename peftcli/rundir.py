@@ -35,6 +35,12 @@ def artifact_dir(run_dir: Path, method) -> Path:
     return run_dir / (MODEL if method.saves_full_model else ADAPTER)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + "-", dir=path.parent)
@@ -43,6 +49,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; artifacts get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -69,6 +76,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `target`; on success it replaces `target`, on failure it is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
         replace_dir(tmp, target)
@@ -138,15 +146,24 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"output.dir: {path} exists and is a file")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
+        finished = (path / ADAPTER).is_dir() or (path / MODEL).is_dir()
+        if finished:
+            raise UserError(
+                f"output.dir: {path} already holds a finished run",
+                hint="you probably want --overwrite to train it again (deletes it), or another output.dir",
+            )
         raise UserError(
-            f"output.dir: {path} already holds a run",
-            hint="add --resume to continue it, or --overwrite to start over (deletes it)",
+            f"output.dir: {path} already holds a run that did not finish",
+            hint="you probably want --resume to continue it from its last checkpoint (or --overwrite to start over)",
         )
     existing = _nearest_existing(path)
     if not existing.is_dir():
         raise UserError(f"output.dir: {existing} is a file, so {path} cannot be created inside it")
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"output.dir: {existing} is not writable")
+    try:  # really try: permission bits say nothing for root or on a read-only filesystem
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(f"output.dir: cannot write in {existing} ({exc.strerror})") from None
 
 
 def create_output_dir(path: Path, overwrite: bool) -> None:

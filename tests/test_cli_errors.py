@@ -98,7 +98,9 @@ def test_quantization_without_usable_bitsandbytes(cli, tmp_path, tiny_model, mon
 def test_existing_run_needs_overwrite(cli, tmp_path, tiny_model):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("x")
-    _assert_user_error(_train(cli, tmp_path, tiny_model), "already holds a run")
+    result = _train(cli, tmp_path, tiny_model)
+    _assert_user_error(result, "already holds a run that did not finish")
+    assert "you probably want --resume" in result.err
     assert (tmp_path / "run" / "keep.txt").exists()
 
 

@@ -68,10 +68,11 @@ def detect_format(columns: list[str], where: str) -> str:
         if set(required) <= present:
             return name
     needs = "; ".join(f"{name}: {', '.join(req)}" for name, (req, _) in FORMAT_FIELDS.items())
+    headerless = " If this is a CSV file without a header row, add one." if ".csv" in where else ""
     raise UserError(
         f"{where}: cannot detect the data format from columns {sorted(columns)}",
         hint=f"columns each format needs — {needs}. Map yours with data.columns (e.g. {{output: answer}}) "
-        "or set data.format",
+        f"or set data.format.{headerless}",
     )
 
 

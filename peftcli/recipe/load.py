@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from peftcli.errors import UserError
 from peftcli.recipe.schema import Recipe
+from peftcli.secrets import redact
 
 # Suffixes that mark a string as a local file even when it does not exist (so the user gets
 # "file not found" instead of a hub lookup).
@@ -78,7 +79,11 @@ def read_yaml(path: Path) -> RawRecipe:
         ) from None
     try:
         node = yaml.compose(text, Loader=_StrictLoader)
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+        loader = _StrictLoader(text)  # a SafeLoader: no Python objects, ever
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except UserError as exc:
         raise UserError(f"{path}: {exc.message}", hint=exc.hint) from None
     except yaml.YAMLError as exc:
@@ -320,4 +325,5 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path 
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML, with any hub token redacted (see secrets.py)."""
+    return redact(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True))

@@ -17,7 +17,7 @@ from typing import Any
 from peftcli import console as cli_console
 from peftcli import modeling, report
 from peftcli.data import PreparedData, prepare_data
-from peftcli.errors import UserError
+from peftcli.errors import Interrupted, UserError
 from peftcli.methods import Method, MethodContext, method_of
 from peftcli.recipe import Recipe, recipe_to_yaml
 from peftcli.rundir import RECIPE, artifact_dir, atomic_dir, atomic_write_text, check_output_dir, create_output_dir
@@ -76,6 +76,12 @@ def preflight(recipe: Recipe, overwrite: bool) -> None:
     modeling.check_model_source(recipe.model)
     modeling.check_quantization(recipe.quantization)
     config = modeling.read_config(recipe.model)
+    context = config.get("max_position_embeddings")
+    if context and recipe.data.max_length > context:
+        raise UserError(
+            f"data.max_length {recipe.data.max_length} exceeds the model's context ({context} tokens)",
+            hint=f"set data.max_length to {context} or less",
+        )
     if method.model_types is not None and config and config.get("model_type") not in method.model_types:
         raise UserError(
             f"peft.method '{method.name}' does not support model type '{config.get('model_type')}'",
@@ -118,19 +124,66 @@ def describe_packing(trainer, prepared: Prepared) -> str:
     return f"packing: {len(prepared.data.train)} examples into {rows} padding-free rows; examples stay apart via {how}"
 
 
-def run_training(recipe: Recipe, *, overwrite: bool = False, console=None) -> TrainOutcome:
+def is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def out_of_memory_error(recipe: Recipe, step: int) -> UserError:
+    t, quant = recipe.training, recipe.quantization
+    knobs = [
+        f"lower training.batch_size and raise training.gradient_accumulation (same effective batch of "
+        f"{t.batch_size * t.gradient_accumulation})",
+        "set training.gradient_checkpointing: true" if not t.gradient_checkpointing else None,
+        f"lower data.max_length ({recipe.data.max_length})",
+        "quantize the base (quantization.bits: 4)" if quant is None else None,
+    ]
+    return UserError(
+        f"out of memory at step {step} with training.batch_size {t.batch_size}, data.max_length "
+        f"{recipe.data.max_length}, quantization {quant.describe() if quant else 'none'}",
+        hint="; ".join(k for k in knobs if k) + ". Checkpoints saved so far are kept (resume with --resume).",
+    )
+
+
+def run_training(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: str | None = None,
+    force: bool = False,
+    console=None,
+    source: str | None = None,
+) -> TrainOutcome:
+    """Train as the recipe says. `resume` is "latest" or a checkpoint path; `force` accepts a changed
+    recipe; `source` is the recipe file as the user named it (for the resume hint)."""
+    import torch
+
+    from peftcli.training.checkpoints import remove_staging
     from peftcli.training.progress import TrainingProgress
+    from peftcli.training.resume import plan_resume
+    from peftcli.training.signals import GracefulStop
 
     out = Path(recipe.output.dir)
-    preflight(recipe, overwrite)
+    if resume:
+        checkpoint = plan_resume(recipe, out, resume, force)
+        preflight(recipe, overwrite=True)
+    else:
+        checkpoint = None
+        preflight(recipe, overwrite)
     prepared = prepare(recipe)
     trainable, total = modeling.count_params(prepared.model)
 
     # The run directory is created only now: a recipe or data error leaves nothing behind.
-    create_output_dir(out, overwrite)
-    atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
+    if checkpoint is None:
+        create_output_dir(out, overwrite)
+    remove_staging(out)
+    if checkpoint is None or force:
+        atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
+    stop = GracefulStop()
     trainer = build_trainer(
         recipe,
         prepared.model,
@@ -139,15 +192,37 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console=None) -> Tr
         out,
         prepared.dtype,
         prepared.method,
-        callbacks=[TrainingProgress(console)],
+        callbacks=[TrainingProgress(console), stop],
     )
     _report_data(prepared, trainer, recipe)
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    trainer.train()
+    with stop:
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            outcome = _outcome(recipe, prepared, trainer, trainable, total, time.perf_counter() - started, None)
+            outcome.status = "out_of_memory"
+            report.write_run_report(outcome)
+            raise out_of_memory_error(recipe, trainer.state.global_step + 1) from None
     runtime = time.perf_counter() - started
+
+    if stop.requested:
+        outcome = _outcome(recipe, prepared, trainer, trainable, total, runtime, None)
+        outcome.status = "interrupted"
+        report.write_run_report(outcome)
+        prepared.scratch.cleanup()
+        raise Interrupted(
+            stop.signum,
+            f"stopped after step {trainer.state.global_step}; checkpoint-{trainer.state.global_step} saved in {out}",
+            hint=f"continue with: peftcli train {source or Path(recipe.output.dir) / RECIPE} --resume",
+        )
 
     # The adapter (or full model) + tokenizer with its chat template, atomically.
     with atomic_dir(artifact_dir(out, prepared.method)) as tmp:
@@ -155,10 +230,15 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console=None) -> Tr
         prepared.tokenizer.save_pretrained(tmp)
     prepared.scratch.cleanup()
     eval_loss = trainer.evaluate()["eval_loss"] if prepared.data.eval else None
+    outcome = _outcome(recipe, prepared, trainer, trainable, total, runtime, eval_loss)
+    report.write_run_report(outcome)
+    return outcome
 
-    outcome = TrainOutcome(
+
+def _outcome(recipe, prepared: Prepared, trainer, trainable, total, runtime, eval_loss) -> TrainOutcome:
+    return TrainOutcome(
         recipe=recipe,
-        run_dir=out,
+        run_dir=Path(recipe.output.dir),
         data=prepared.data,
         log_history=list(trainer.state.log_history),
         trainable_params=trainable,
@@ -173,8 +253,6 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, console=None) -> Tr
         dtype=str(prepared.dtype).removeprefix("torch."),
         model=trainer.model,
     )
-    report.write_run_report(outcome)
-    return outcome
 
 
 def _report_data(prepared: Prepared, trainer, recipe: Recipe) -> None:

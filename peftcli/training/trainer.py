@@ -88,9 +88,12 @@ def trainer_class():
     from transformers import Trainer as PlainTrainer
     from trl import SFTTrainer
 
-    class Trainer(SFTTrainer):
-        """SFTTrainer that counts the tokens of training batches, can fall back to the model's own
-        loss, and writes no model card into the run directory (report.md is the run's card)."""
+    from peftcli.training.checkpoints import SafeCheckpoints
+
+    class Trainer(SafeCheckpoints, SFTTrainer):
+        """SFTTrainer with atomic, pickle-free checkpoints (checkpoints.py) that counts the tokens of
+        training batches, can fall back to the model's own loss, and writes no model card into the
+        run directory (report.md is the run's card)."""
 
         token_counter: TokenCounter
         fused_loss: bool = True

@@ -1,0 +1,212 @@
+"""Checkpoints that survive: written atomically, free of pickle, checked before a resume.
+
+Upstream Trainer writes `checkpoint-N/` file by file, with `optimizer.pt`, `scheduler.pt`,
+`rng_state.pth` and `training_args.bin` as pickles, and resumes from the highest-numbered folder
+whether or not it is complete (a missing `optimizer.pt` silently restarts the LR schedule). Here:
+
+- the Trainer writes into a hidden staging sibling `.tmp-checkpoint-N/`, which is fsynced and
+  renamed to `checkpoint-N/` only when complete, so `kill -9` mid-save leaves the previous
+  checkpoint as the newest one;
+- optimizer and RNG state are stored as safetensors + JSON, scheduler state as JSON, the training
+  arguments as JSON: no file in a checkpoint is a pickle, and resuming calls no `torch.load`;
+- `--resume` picks the newest *complete* checkpoint and says which ones it skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+from peftcli.rundir import TMP_PREFIX
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER = "optimizer.safetensors", "optimizer.json", "scheduler.json"
+RNG_TENSORS, RNG_META, STATE = "rng_state.safetensors", "rng_state.json", "trainer_state.json"
+REQUIRED = (STATE, OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER, RNG_TENSORS, RNG_META)
+
+
+def _write_json(value, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle)  # Python's json round-trips floats exactly
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+def missing_files(checkpoint: Path) -> list[str]:
+    """What a checkpoint lacks to be resumed exactly; [] means complete."""
+    missing = [name for name in REQUIRED if not (checkpoint / name).is_file()]
+    has_adapter = (checkpoint / "adapter_config.json").is_file() and any(checkpoint.glob("adapter_model*"))
+    has_model = (checkpoint / "config.json").is_file() and any(checkpoint.glob("model*.safetensors"))
+    if not (has_adapter or has_model):
+        missing.append("adapter or model weights")
+    return missing
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-N folders, newest (highest N) first."""
+    found = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)] if run_dir.is_dir() else []
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)), reverse=True)
+
+
+def newest_complete(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that can be resumed, and notes on the ones skipped (and why)."""
+    notes = [
+        f"ignoring {p.name}: a save that was interrupted (never completed)"
+        for p in run_dir.glob(f"{TMP_PREFIX}checkpoint-*")
+        if p.is_dir()
+    ]
+    for checkpoint in checkpoints(run_dir):
+        missing = missing_files(checkpoint)
+        if not missing:
+            return checkpoint, notes
+        notes.append(f"skipping {checkpoint.name}: incomplete (missing {', '.join(missing)})")
+    return None, notes
+
+
+def remove_staging(run_dir: Path) -> None:
+    for staging in run_dir.glob(f"{TMP_PREFIX}checkpoint-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class SafeCheckpoints:
+    """Trainer mixin: atomic, pickle-free checkpoints (single process; DeepSpeed/FSDP keep upstream's)."""
+
+    _staging_dir: str | None = None
+
+    # --- atomic: upstream writes into a staging sibling, we rename it into place -----------------
+    def _get_output_dir(self, trial):
+        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, f"{TMP_PREFIX}{name}")
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N
+        finally:
+            self._staging_dir = None
+        if not self.args.should_save:
+            return
+        written, final = os.path.join(staging, name), os.path.join(run_dir, name)
+        _fsync_tree(written)
+        if os.path.exists(final):  # the same step saved twice (a stop request on a save step)
+            shutil.rmtree(final)
+        os.rename(written, final)
+        os.rmdir(staging)
+        _fsync(run_dir)
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=False,
+        )
+
+    # --- pickle-free optimizer / scheduler / RNG / arguments --------------------------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        import safetensors.torch
+        import torch
+
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        state = self.optimizer.state_dict()
+        tensors, meta = {}, {}
+        for pid, values in state["state"].items():
+            meta[str(pid)] = {}
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    tensors[f"state.{pid}.{key}"] = value.detach().cpu().contiguous()
+                    meta[str(pid)][key] = "__tensor__"
+                else:
+                    meta[str(pid)][key] = {"value": value}
+        safetensors.torch.save_file(tensors, os.path.join(output_dir, OPTIMIZER_TENSORS))
+        _write_json({"state": meta, "param_groups": state["param_groups"]}, os.path.join(output_dir, OPTIMIZER_META))
+        _write_json(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        import safetensors.torch
+
+        if checkpoint is None:
+            return
+        tensors = safetensors.torch.load_file(os.path.join(checkpoint, OPTIMIZER_TENSORS), device="cpu")
+        with open(os.path.join(checkpoint, OPTIMIZER_META), encoding="utf-8") as handle:
+            meta = json.load(handle)
+        state = {
+            int(pid): {k: tensors[f"state.{pid}.{k}"] if v == "__tensor__" else v["value"] for k, v in values.items()}
+            for pid, values in meta["state"].items()
+        }
+        for group in meta["param_groups"]:
+            if "betas" in group:  # JSON turned Adam's tuple into a list
+                group["betas"] = tuple(group["betas"])
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        with open(os.path.join(checkpoint, SCHEDULER), encoding="utf-8") as handle:
+            self.lr_scheduler.load_state_dict(json.load(handle))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        import numpy as np
+        import safetensors.torch
+        import torch
+
+        os.makedirs(output_dir, exist_ok=True)
+        py_version, py_state, py_gauss = random.getstate()
+        np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+        tensors = {"cpu": torch.random.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
+        if torch.cuda.is_available():
+            tensors["cuda"] = torch.cuda.random.get_rng_state()
+        safetensors.torch.save_file(tensors, os.path.join(output_dir, RNG_TENSORS))
+        meta = {
+            "python": [py_version, list(py_state), py_gauss],
+            "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_cached)],
+        }
+        _write_json(meta, os.path.join(output_dir, RNG_META))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        import numpy as np
+        import safetensors.torch
+        import torch
+
+        if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, RNG_TENSORS)):
+            return
+        tensors = safetensors.torch.load_file(os.path.join(checkpoint, RNG_TENSORS))
+        with open(os.path.join(checkpoint, RNG_META), encoding="utf-8") as handle:
+            meta = json.load(handle)
+        version, state, gauss = meta["python"]
+        random.setstate((version, tuple(state), gauss))
+        name, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.random.set_rng_state(tensors["cpu"])
+        if torch.cuda.is_available() and "cuda" in tensors:
+            torch.cuda.random.set_rng_state(tensors["cuda"])
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        out = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            # upstream pickles the whole TrainingArguments object here; keep a JSON copy instead
+            pickled = os.path.join(out, "training_args.bin")
+            if os.path.exists(pickled):
+                os.remove(pickled)
+            with open(os.path.join(out, "training_args.json"), "w", encoding="utf-8") as handle:
+                handle.write(self.args.to_json_string())

@@ -1,0 +1,94 @@
+"""Deciding whether and from where a run resumes, before any model loads.
+
+A resumed run must be the run that was interrupted: the same model, method, data and schedule.
+Upstream Trainer checks none of this (a changed `max_steps` silently bends the LR schedule; a
+changed dataset silently shifts which batches are skipped), so the saved `recipe.yaml` is compared
+key by key, and any training-relevant difference stops the resume unless `--force`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftcli import console
+from peftcli.errors import UserError
+from peftcli.recipe import Recipe
+from peftcli.rundir import RECIPE
+from peftcli.training.checkpoints import missing_files, newest_complete
+
+# Keys that change how often things are logged or kept, or what eval reads, not what is trained.
+NOT_TRAINING_RELEVANT = (
+    "training.logging_steps",
+    "training.save_steps",
+    "training.save_total_limit",
+    "output.dir",
+    "data.eval",
+    "data.bad_rows",
+    "eval",
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def changed_keys(saved: dict, current: dict) -> list[str]:
+    """Training-relevant keys whose values differ between two resolved recipes."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted(set(old) | set(new))
+    relevant = [k for k in keys if not any(k == p or k.startswith(p + ".") for p in NOT_TRAINING_RELEVANT)]
+    return [k for k in relevant if old.get(k) != new.get(k)]
+
+
+def plan_resume(recipe: Recipe, run_dir: Path, resume: str, force: bool) -> Path:
+    """The checkpoint to resume from ("latest" = the newest complete one in the run directory)."""
+    saved_file = run_dir / RECIPE
+    if not saved_file.is_file():
+        raise UserError(
+            f"--resume: {run_dir} holds no run to resume (no {RECIPE})",
+            hint="drop --resume to start a new run there",
+        )
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    changed = changed_keys(saved, recipe.model_dump(mode="json"))
+    if changed and not force:
+        shown = ", ".join(
+            f"{k} ({_flatten(saved).get(k)!r} -> {_flatten(recipe.model_dump(mode='json')).get(k)!r})"
+            for k in changed[:6]
+        )
+        raise UserError(
+            f"--resume: the recipe differs from the run's {RECIPE} in training-relevant keys: {shown}",
+            hint="resume with the recipe the run started with; --force resumes anyway (the result will differ from "
+            "an uninterrupted run), --overwrite starts over",
+        )
+    if changed:
+        console.warn(f"resuming with changed keys ({', '.join(changed)}) because of --force")
+
+    if resume != "latest":
+        checkpoint = Path(resume).resolve()
+        if not checkpoint.is_dir():
+            raise UserError(f"--resume {resume}: no such checkpoint folder")
+        missing = missing_files(checkpoint)
+        if missing:
+            raise UserError(
+                f"--resume {resume}: incomplete checkpoint (missing {', '.join(missing)})",
+                hint="use --resume without a path to pick the newest complete checkpoint",
+            )
+        return checkpoint
+    checkpoint, notes = newest_complete(run_dir)
+    for note in notes:
+        console.note(f"resume: {note}")
+    if checkpoint is None:
+        raise UserError(
+            f"--resume: no complete checkpoint in {run_dir}",
+            hint="the run stopped before its first save; --overwrite starts it over",
+        )
+    console.note(f"resuming from {checkpoint.name}")
+    return checkpoint

@@ -1,0 +1,55 @@
+"""Graceful interruption: on SIGINT/SIGTERM finish the current optimizer step, save a checkpoint,
+and stop; a second signal exits at once (the previous checkpoint is complete, being atomic).
+
+Pre-empted cloud jobs get SIGTERM and a grace period; Ctrl-C is SIGINT. Either way, the run ends
+with a checkpoint of the last completed step, `metrics.json`/`report.md` marked interrupted, and
+exit code 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from transformers import TrainerCallback
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop(TrainerCallback):
+    """Installs the signal handlers while training runs, and turns a signal into save + stop."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name} received: finishing the current step and saving a checkpoint "
+            f"(send {name} again to exit at once; the last checkpoint is kept)",
+            file=sys.stderr,
+            flush=True,
+        )
+        # The next signal takes the default action: the process exits immediately.
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __enter__(self) -> GracefulStop:
+        for signum in HANDLED:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
