@@ -102,16 +102,31 @@ def check_quantization(quant: QuantizationSection | None) -> None:
         ) from None
 
 
+def check_remote_code(model: ModelSection) -> None:
+    """A local model whose config maps to code shipped with it needs explicit consent to run it."""
+    config = read_config(model)
+    if config.get("auto_map") and not model.trust_remote_code:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+            raise UserError(
+                f"model.name: {model.name} ships its own model code (config.json auto_map), which runs only with "
+                "model.trust_remote_code: true",
+                hint="read that code first; then set model.trust_remote_code: true",
+            )
+
+
 def _hub_error(what: str, name: str, exc: Exception) -> UserError:
     text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    if "trust_remote_code" in text:
+    if "trust_remote_code" in str(exc):
         return UserError(
             f"{what}: {name} ships its own model code, which runs only with model.trust_remote_code: true",
             hint="read that code first; then set model.trust_remote_code: true",
         )
     return UserError(
         f"{what}: cannot load '{name}': {text[:240]}",
-        hint="a local folder needs config.json + weights; a hub id needs network access (and HF_TOKEN if gated)",
+        hint="a local folder needs config.json + weights; a hub id needs network access (and HF_TOKEN if gated); "
+        "without network, set HF_HUB_OFFLINE=1 so hub ids fail at once instead of after retries",
     )
 
 

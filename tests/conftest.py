@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,11 @@ DEMO_TRAIN = ROOT / "recipes" / "data" / "demo_train.jsonl"
 DEMO_EVAL = ROOT / "recipes" / "data" / "demo_eval.jsonl"
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# Nothing in the suite may reach for a hub. huggingface_hub reads these once, at import, so they are
+# set here, before any test imports it: a hub id then fails at once instead of after retries.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
 def _load_script(name: str):
@@ -104,13 +110,6 @@ def cli(capsys):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-@pytest.fixture(autouse=True)
-def _no_hub(monkeypatch):
-    # Nothing in the suite may reach for a hub; fail fast instead of waiting on timeouts.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -80,6 +80,21 @@ def newest_complete(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
+def finished_training(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved at the last step (resuming from it would train one extra
+    step: an off-by-one in Trainer's resume loop)."""
+    state = json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+    return state["global_step"] >= state["max_steps"] > 0
+
+
+def load_final_checkpoint(trainer, checkpoint: Path) -> None:
+    """Load a last-step checkpoint's weights and state into the trainer, without training."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / STATE))
+
+
 def remove_staging(run_dir: Path) -> None:
     for staging in run_dir.glob(f"{TMP_PREFIX}checkpoint-*"):
         shutil.rmtree(staging, ignore_errors=True)

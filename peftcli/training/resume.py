@@ -16,7 +16,7 @@ import yaml
 from peftcli import console
 from peftcli.errors import UserError
 from peftcli.recipe import Recipe
-from peftcli.rundir import RECIPE
+from peftcli.rundir import ADAPTER, MODEL, RECIPE
 from peftcli.training.checkpoints import missing_files, newest_complete
 
 # Keys that change how often things are logged or kept, or what eval reads, not what is trained.
@@ -55,6 +55,11 @@ def plan_resume(recipe: Recipe, run_dir: Path, resume: str, force: bool) -> Path
         raise UserError(
             f"--resume: {run_dir} holds no run to resume (no {RECIPE})",
             hint="drop --resume to start a new run there",
+        )
+    if (run_dir / ADAPTER).is_dir() or (run_dir / MODEL).is_dir():
+        raise UserError(
+            f"--resume: the run in {run_dir} already finished; there is nothing to resume",
+            hint="--overwrite trains it again from the start",
         )
     saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
     changed = changed_keys(saved, recipe.model_dump(mode="json"))

@@ -74,6 +74,7 @@ def preflight(recipe: Recipe, overwrite: bool) -> None:
     method = method_of(recipe.peft)
     check_output_dir(Path(recipe.output.dir), overwrite)
     modeling.check_model_source(recipe.model)
+    modeling.check_remote_code(recipe.model)
     modeling.check_quantization(recipe.quantization)
     config = modeling.read_config(recipe.model)
     context = config.get("max_position_embeddings")
@@ -162,7 +163,7 @@ def run_training(
     recipe; `source` is the recipe file as the user named it (for the resume hint)."""
     import torch
 
-    from peftcli.training.checkpoints import remove_staging
+    from peftcli.training.checkpoints import finished_training, load_final_checkpoint, remove_staging
     from peftcli.training.progress import TrainingProgress
     from peftcli.training.resume import plan_resume
     from peftcli.training.signals import GracefulStop
@@ -201,7 +202,11 @@ def run_training(
     started = time.perf_counter()
     with stop:
         try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if checkpoint is not None and finished_training(checkpoint):
+                cli_console.note(f"{checkpoint.name} is the last step: nothing left to train, writing the results")
+                load_final_checkpoint(trainer, checkpoint)
+            else:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise

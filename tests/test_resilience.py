@@ -1,0 +1,317 @@
+"""Runs that survive: determinism, resume, graceful interruption, kill -9 during a save, memory
+guard, and the safety defaults (no pickle, no remote code, no token leaks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, base_recipe, read_json, write_recipe
+from safetensors.torch import load_file
+
+from peftcli.errors import Interrupted
+from peftcli.training.checkpoints import missing_files
+
+
+def _recipe(tiny_model, out: Path, steps: int = 12, **sections) -> dict:
+    recipe = base_recipe(
+        tiny_model, out, training={"max_steps": steps, "save_steps": 4, "save_total_limit": None}, **sections
+    )
+    recipe["peft"] = {"method": "lora", "r": 4, "dropout": 0.1}  # dropout: the RNG must be restored too
+    return recipe
+
+
+def _train(path: Path, **kwargs):
+    from peftcli.recipe import load_recipe
+    from peftcli.training import run_training
+
+    return run_training(load_recipe(path), **kwargs)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def _interrupt_at(monkeypatch, step: int) -> None:
+    """Make the next training run receive SIGTERM while it runs step `step` + 1."""
+    from transformers import TrainerCallback
+
+    from peftcli.training import stage
+
+    class SignalAtStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    real_build = stage.build_trainer
+
+    def build_with_signal(*args, callbacks, **kwargs):
+        monkeypatch.setattr(stage, "build_trainer", real_build)  # only this run
+        return real_build(*args, callbacks=[*callbacks, SignalAtStep()], **kwargs)
+
+    monkeypatch.setattr(stage, "build_trainer", build_with_signal)
+
+
+def _interrupted_run(path: Path, monkeypatch, step: int) -> Path:
+    _interrupt_at(monkeypatch, step)
+    with pytest.raises(Interrupted):
+        _train(path)
+    return path
+
+
+def test_same_recipe_and_seed_give_the_same_loss_history(tmp_path, tiny_model):
+    first = _train(write_recipe(tmp_path / "a.yaml", _recipe(tiny_model, tmp_path / "a")))
+    second = _train(write_recipe(tmp_path / "b.yaml", _recipe(tiny_model, tmp_path / "b")))
+    assert (
+        read_json(first.run_dir / "metrics.json")["loss_history"]
+        == read_json(second.run_dir / "metrics.json")["loss_history"]
+    )
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model, monkeypatch):
+    reference = _train(write_recipe(tmp_path / "ref.yaml", _recipe(tiny_model, tmp_path / "ref")))
+
+    # Same recipe; a SIGTERM arrives during step 6 (mid-epoch, between saves).
+    path = write_recipe(tmp_path / "run.yaml", _recipe(tiny_model, tmp_path / "run"))
+    _interrupt_at(monkeypatch, 5)
+    with pytest.raises(Interrupted) as info:
+        _train(path)
+    assert info.value.exit_code == 143
+    assert (tmp_path / "run" / "checkpoint-6").is_dir() and not missing_files(tmp_path / "run" / "checkpoint-6")
+    assert read_json(tmp_path / "run" / "metrics.json")["status"] == "interrupted"
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+    resumed = _train(path, resume="latest")
+    expected, got = _weights(reference.run_dir), _weights(resumed.run_dir)
+    assert expected.keys() == got.keys()
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
+    assert (
+        read_json(resumed.run_dir / "metrics.json")["loss_history"]
+        == read_json(reference.run_dir / "metrics.json")["loss_history"]
+    )
+
+
+def test_checkpoints_hold_no_pickle(tmp_path, tiny_model):
+    run = _train(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run", steps=4))).run_dir
+    files = [p.name for p in run.rglob("*") if p.is_file()]
+    assert "optimizer.safetensors" in files and "rng_state.json" in files
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl"))], files
+    for path in run.rglob("*"):
+        if path.is_file() and path.suffix not in (".png",):
+            assert not path.read_bytes().startswith(b"PK\x03\x04"), f"{path} is a torch zip/pickle archive"
+
+
+def test_no_unsafe_loading_in_the_code():
+    source = "\n".join(p.read_text() for p in (ROOT / "peftcli").rglob("*.py"))
+    for unsafe in ("yaml.load(", "import pickle", "pickle.load", "torch.save(", "dill"):
+        assert unsafe not in source, unsafe
+    for line in source.splitlines():
+        if "torch.load(" in line:
+            assert "weights_only=True" in line, line
+
+
+def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_model, cli, monkeypatch):
+    path = _interrupted_run(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run")), monkeypatch, 5)
+    changed = cli("train", path, "--resume", "--set", "training.learning_rate=0.1", "--set", "training.save_steps=2")
+    assert changed.code == 2 and "training.learning_rate" in changed.err and "save_steps" not in changed.err
+    assert "--force" in changed.err
+    forced = cli("train", path, "--resume", "--force", "--set", "training.learning_rate=0.1")
+    assert forced.code == 0, forced.err
+    assert "learning_rate: 0.1" in (tmp_path / "run" / "recipe.yaml").read_text()
+    again = cli("train", path, "--resume")
+    assert again.code == 2 and "already finished" in again.err
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path, tiny_model, cli, monkeypatch):
+    path = _interrupted_run(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run")), monkeypatch, 9)
+    run = tmp_path / "run"
+    assert {p.name for p in run.glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-8", "checkpoint-10"}
+    (run / "checkpoint-10" / "optimizer.safetensors").unlink()  # damaged
+    (run / ".tmp-checkpoint-12").mkdir()  # a save that never finished
+    damaged = cli("train", path, "--resume", run / "checkpoint-10")
+    assert damaged.code == 2 and "incomplete checkpoint" in damaged.err
+    result = cli("train", path, "--resume")
+    assert result.code == 0, result.err
+    assert "skipping checkpoint-10: incomplete (missing optimizer.safetensors)" in result.err
+    assert "ignoring .tmp-checkpoint-12" in result.err and "resuming from checkpoint-8" in result.err
+    assert not (run / ".tmp-checkpoint-12").exists()
+    assert read_json(run / "metrics.json")["steps"] == 12
+
+
+def test_resume_from_a_checkpoint_at_the_last_step(tmp_path, tiny_model, cli, monkeypatch):
+    """Upstream Trainer trains one step too many when resumed from its last step; we must not."""
+    path = _interrupted_run(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run")), monkeypatch, 11)
+    result = cli("train", path, "--resume")
+    assert result.code == 0, result.err
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    assert metrics["steps"] == 12 and [h["step"] for h in metrics["loss_history"]] == list(range(1, 13))
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_resume_without_a_run(tmp_path, tiny_model, cli):
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run"))
+    result = cli("train", path, "--resume")
+    assert result.code == 2 and "no run to resume" in result.err
+    assert not (tmp_path / "run").exists()
+
+
+def _start(recipe_path: Path, *extra: str, wrapper: str | None = None) -> subprocess.Popen:
+    if wrapper:
+        args = [sys.executable, "-c", wrapper, "train", str(recipe_path), *extra]
+    else:
+        args = [sys.executable, "-m", "peftcli", "train", str(recipe_path), *extra]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+
+
+def _wait_for(process: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = process.stderr.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return seen
+    process.kill()
+    raise AssertionError(f"never saw {needle!r}: {''.join(seen)[-2000:]}")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_checkpoint_and_exits_with_its_code(tmp_path, tiny_model, signum, code):
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run", steps=4000))
+    process = _start(path)
+    _wait_for(process, "training: step")
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    assert metrics["status"] == "interrupted"
+    step = metrics["steps"]
+    assert not missing_files(tmp_path / "run" / f"checkpoint-{step}")
+    assert f"peftcli train {path} --resume" in err and "Traceback" not in err
+    assert "interrupted" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_second_signal_exits_at_once_keeping_the_last_checkpoint(tmp_path, tiny_model):
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run", steps=4000))
+    process = _start(path)
+    _wait_for(process, "training: step")
+    process.send_signal(signal.SIGTERM)
+    _wait_for(process, "SIGTERM received")
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode in (-signal.SIGTERM, 143)
+    complete = [p for p in (tmp_path / "run").glob("checkpoint-*") if not missing_files(p)]
+    assert complete, "the checkpoints saved before the signals must stay complete"
+    assert all(not missing_files(p) for p in (tmp_path / "run").glob("checkpoint-*"))
+
+
+# Runs peftcli with a save that stalls while writing checkpoint-8, so the test can kill -9 it mid-save.
+SLOW_SAVE = """
+import os, sys, time
+from peftcli.training import checkpoints
+original = checkpoints.SafeCheckpoints._save_rng_state
+def slow(self, output_dir):
+    original(self, output_dir)
+    if self.state.global_step == 8:
+        open(os.environ["MARKER"], "w").close()
+        time.sleep(600)
+checkpoints.SafeCheckpoints._save_rng_state = slow
+from peftcli.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, tiny_model, cli):
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run", steps=12))
+    marker = tmp_path / "saving"
+    os.environ["MARKER"] = str(marker)
+    try:
+        process = _start(path, wrapper=SLOW_SAVE)
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert marker.exists(), process.communicate()[1]
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+    finally:
+        del os.environ["MARKER"]
+    run = tmp_path / "run"
+    assert not (run / "checkpoint-8").exists()  # the half-written save is not visible as a checkpoint
+    assert [p.name for p in run.glob(".tmp-checkpoint-8")]
+    assert not missing_files(run / "checkpoint-4")
+    result = cli("train", path, "--resume")
+    assert result.code == 0, result.err
+    assert "resuming from checkpoint-4" in result.err and "ignoring .tmp-checkpoint-8" in result.err
+    assert read_json(run / "metrics.json")["steps"] == 12
+
+
+def test_out_of_memory_is_a_user_error_with_the_knobs(tmp_path, tiny_model, cli, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    # The decoder stack (accelerate wraps the top-level forward, not this one) fails on its 7th call.
+    original = LlamaModel.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaModel, "forward", forward)
+    recipe = _recipe(tiny_model, tmp_path / "run", steps=12)
+    recipe["training"]["save_steps"] = 2
+    result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.code == 2 and len(result.error_lines) == 1
+    assert "out of memory at step 7" in result.err and "batch_size 16" in result.err
+    assert "gradient_accumulation" in result.err and "gradient_checkpointing" in result.err
+    assert "Traceback" not in result.err
+    assert read_json(tmp_path / "run" / "metrics.json")["status"] == "out_of_memory"
+    assert not missing_files(tmp_path / "run" / "checkpoint-6")
+
+
+def test_remote_code_is_refused_unless_trusted(tmp_path, tiny_model, cli):
+    import shutil
+
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomModel",
+    }
+    config["model_type"] = "custom-tiny"
+    (model / "config.json").write_text(json.dumps(config))
+    result = cli("train", write_recipe(tmp_path / "r.yaml", _recipe(model, tmp_path / "run")))
+    assert result.code == 2 and "trust_remote_code" in result.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tokens_never_reach_files_or_output(tmp_path, tiny_model, cli, monkeypatch):
+    token = "hf_" + "FakeToken1234567890abcdefghijk"
+    monkeypatch.setenv("HF_TOKEN", token)
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run", steps=2))
+    as_key = cli("train", path, "--set", f"model.token={token}")
+    assert as_key.code == 2 and token not in as_key.err + as_key.out
+    in_value = cli("train", path, "--set", f"model.revision={token}")  # a token pasted into a real key
+    assert token not in in_value.err + in_value.out
+    trained = cli("train", path, "--overwrite")
+    assert trained.code == 0, trained.err
+    assert token not in trained.err + trained.out
+    merged = cli("merge", tmp_path / "run", "--out", tmp_path / "merged")
+    assert merged.code == 0
+    for root in (tmp_path / "run", tmp_path / "merged"):
+        for file in root.rglob("*"):
+            if file.is_file():
+                assert token.encode() not in file.read_bytes(), file
