@@ -108,6 +108,18 @@ def cli(capsys):
     return run
 
 
+def trained_pieces(tokenizer, item) -> list[str]:
+    """Decoded runs of consecutive trained tokens of an encoded example (one per trained span)."""
+    pieces, current = [], []
+    for token, label in zip(item.input_ids, item.labels):
+        if label != -100:
+            current.append(token)
+        elif current:
+            pieces.append(tokenizer.decode(current))
+            current = []
+    return pieces + ([tokenizer.decode(current)] if current else [])
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import trained_pieces
 
 from peftcli.data import IGNORE, prepare_data
 from peftcli.errors import UserError
@@ -37,20 +38,6 @@ def prepare(tokenizer, train, **data):
 
 def trained_text(tokenizer, item) -> str:
     return tokenizer.decode([t for t, label in zip(item.input_ids, item.labels) if label != IGNORE])
-
-
-def trained_pieces(tokenizer, item) -> list[str]:
-    """Decoded runs of consecutive trained tokens (one per trained span)."""
-    pieces, current = [], []
-    for token, label in zip(item.input_ids, item.labels):
-        if label != IGNORE:
-            current.append(token)
-        elif current:
-            pieces.append(tokenizer.decode(current))
-            current = []
-    if current:
-        pieces.append(tokenizer.decode(current))
-    return pieces
 
 
 def test_undetectable_format_lists_the_columns(tmp_path, tokenizer):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_recipe, write_recipe
+from conftest import base_recipe, trained_pieces, write_recipe
 
 from peftcli.data import IGNORE, prepare_data
 from peftcli.errors import UserError
@@ -37,17 +37,6 @@ CUSTOM = (
 END_TOKEN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "<|im_end|>", "custom": "<|im_end|>"}
 
 
-def _trained_pieces(tokenizer, item) -> list[str]:
-    pieces, current = [], []
-    for token, label in zip(item.input_ids, item.labels):
-        if label != IGNORE:
-            current.append(token)
-        elif current:
-            pieces.append(tokenizer.decode(current))
-            current = []
-    return pieces + ([tokenizer.decode(current)] if current else [])
-
-
 @pytest.mark.parametrize("template", ["chatml", "llama3", "mistral", "custom"])
 @pytest.mark.parametrize("fmt", list(CHAT_ROWS))
 def test_trained_tokens_are_exactly_the_replies_plus_end_token(tmp_path, tokenizer, fmt, template):
@@ -60,7 +49,7 @@ def test_trained_tokens_are_exactly_the_replies_plus_end_token(tmp_path, tokeniz
     item = prepare_data(DataSection(train=str(data), chat_template=setting), tokenizer, seed=0).train[0]
     expected = [f"{reply}{END_TOKEN[template]}" for reply in EXPECTED_REPLIES[fmt]]
     # Byte-level BPE may fold the space before a reply into its first token; nothing else is trained.
-    assert [p.lstrip(" ") for p in _trained_pieces(tokenizer, item)] == expected
+    assert [p.lstrip(" ") for p in trained_pieces(tokenizer, item)] == expected
     text = tokenizer.decode(item.input_ids)
     assert "After Monday?" in text and "Be brief." in text  # system and user turns are there, untrained
 
@@ -99,16 +88,7 @@ def test_packed_batch_gives_the_same_per_example_loss(tmp_path, tiny_model):
         )
     )
     prepared = prepare(recipe)
-    trainer = build_trainer(
-        recipe,
-        prepared.model,
-        prepared.tokenizer,
-        prepared.data,
-        tmp_path / "run",
-        prepared.dtype,
-        prepared.method,
-        callbacks=[],
-    )
+    trainer = build_trainer(recipe, prepared, tmp_path / "run", callbacks=[])
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1  # padding-free rows
     ids, labels, positions = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
@@ -202,16 +182,7 @@ def test_preview_json_matches_what_the_trainer_receives(tmp_path, tiny_model, cl
 
     recipe = load_recipe(path)
     prepared = prepare(recipe)
-    trainer = build_trainer(
-        recipe,
-        prepared.model,
-        prepared.tokenizer,
-        prepared.data,
-        tmp_path / "run",
-        prepared.dtype,
-        prepared.method,
-        callbacks=[],
-    )
+    trainer = build_trainer(recipe, prepared, tmp_path / "run", callbacks=[])
     for row, given in zip(previewed, trainer.train_dataset):
         assert row["input_ids"] == given["input_ids"] and row["labels"] == given["labels"]
         assert row["text"] == prepared.tokenizer.decode(given["input_ids"])

@@ -185,16 +185,7 @@ def run_training(
     if checkpoint is None or force:
         atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
     stop = GracefulStop()
-    trainer = build_trainer(
-        recipe,
-        prepared.model,
-        prepared.tokenizer,
-        prepared.data,
-        out,
-        prepared.dtype,
-        prepared.method,
-        callbacks=[TrainingProgress(console), stop],
-    )
+    trainer = build_trainer(recipe, prepared, out, callbacks=[TrainingProgress(console), stop])
     _report_data(prepared, trainer, recipe)
 
     if torch.cuda.is_available():

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftcli.recipe import Recipe
+
+if TYPE_CHECKING:
+    from peftcli.training.stage import Prepared
 
 
 @dataclass
@@ -118,19 +122,20 @@ def trainer_class():
     return Trainer
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, data, out: Path, dtype, method, callbacks: list):
+def build_trainer(recipe: Recipe, prepared: Prepared, out: Path, callbacks: list):
     """The SFTTrainer for a prepared model and data; `trainer.token_counter` counts what it trains on."""
     from transformers.trainer_callback import PrinterCallback
 
+    method, model = prepared.method, prepared.model
     Trainer = trainer_class()
     Trainer.token_counter = TokenCounter()
     Trainer.fused_loss = method.fused_loss
     trainer = Trainer(
         model=model,
-        args=sft_config(recipe, out, dtype),
-        train_dataset=as_dataset(data.train),
-        eval_dataset=as_dataset(data.eval) if data.eval else None,
-        processing_class=tokenizer,
+        args=sft_config(recipe, out, prepared.dtype),
+        train_dataset=as_dataset(prepared.data.train),
+        eval_dataset=as_dataset(prepared.data.eval) if prepared.data.eval else None,
+        processing_class=prepared.tokenizer,
         callbacks=[*callbacks, *method.callbacks(model)],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress bar shows the loss
