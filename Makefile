@@ -36,10 +36,11 @@ $(TINY)/config.json: $(STAMP) scripts/make_tiny_model.py
 
 demo: $(STAMP) $(TINY)/config.json
 	$(BIN)/peftcli train recipes/demo.yaml --overwrite
-	$(BIN)/peftcli eval runs/demo
+	$(BIN)/peftcli eval runs/demo --generate
 	$(BIN)/peftcli merge runs/demo --out merged/demo --force
+	$(BIN)/peftcli generate --adapter demo=runs/demo --prompt "What comes after Monday?" --max-new-tokens 8
 	@echo
-	@echo "Demo done. Report: runs/demo/report.md   Merged model: merged/demo/"
+	@echo "Demo done. Report: runs/demo/report.md (eval: runs/demo/eval.md)   Merged model: merged/demo/"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)

@@ -95,14 +95,40 @@ def evaluate(
     run: Path = typer.Argument(..., help="Run directory written by `peftcli train`.", show_default=False),
     data: Path = typer.Option(None, "--data", help="Evaluate on this file instead of the run's eval data."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per forward pass."),
+    generate: bool = typer.Option(False, "--generate", help="Also generate completions and score them."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Generation length (eval section)."),
+    temperature: float = typer.Option(None, "--temperature", min=0, help="0 = greedy (eval section)."),
+    num_samples: int = typer.Option(None, "--num-samples", min=1, help="Samples per prompt (eval section)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Generate for at most N eval prompts."),
+    reference: Path = typer.Option(None, "--reference", help="General text to measure forgetting on."),
 ) -> None:
-    """Compare base and tuned model on held-out data: loss, perplexity, token accuracy.
+    """Base vs tuned on held-out data: loss, perplexity, token accuracy; generation scores; forgetting.
 
-    [dim]Example: peftcli eval runs/demo --data recipes/data/demo_eval.jsonl[/]
+    [dim]Example: peftcli eval runs/demo --generate --max-new-tokens 16[/]
     """
-    from peftcli.evaluate import run_eval
+    from peftcli.evaluate import GenerateOptions, run_eval
+    from peftcli.rundir import open_run
 
-    run_eval(run, data_path=data, batch_size=batch_size)
+    options = None
+    if generate:
+        defaults = open_run(run).recipe().eval
+        options = GenerateOptions(
+            max_new_tokens=max_new_tokens or defaults.max_new_tokens,
+            temperature=defaults.temperature if temperature is None else temperature,
+            num_samples=num_samples or defaults.num_samples,
+            limit=limit,
+        )
+        if options.num_samples > 1 and options.temperature == 0:
+            raise UserError("--num-samples > 1 needs --temperature > 0 (greedy samples are identical)")
+    elif any(v is not None for v in (max_new_tokens, temperature, num_samples, limit)):
+        raise UserError("--max-new-tokens, --temperature, --num-samples and --limit apply with --generate")
+    run_eval(
+        run,
+        data_path=data,
+        batch_size=batch_size,
+        generate=options,
+        reference=str(reference.resolve()) if reference else None,
+    )
 
 
 @app.command()
@@ -187,6 +213,90 @@ def compare(
     resolved = _load(recipe, set_)
     target = out.resolve() if out else Path(f"{resolved.output.dir}-compare")
     run_compare(resolved, names, target, overwrite=overwrite)
+
+
+@app.command("generate")
+def generate_text(
+    adapter: list[str] = typer.Option(
+        [], "--adapter", help="NAME=RUN: attach a run's adapter (repeatable).", metavar="NAME=RUN"
+    ),
+    base: str = typer.Option(None, "--base", help="Base model (default: the first adapter's base)."),
+    prompt: str = typer.Option(None, "--prompt", help="One prompt, answered by every adapter in turn."),
+    prompts: Path = typer.Option(None, "--prompts", help="File: a prompt per line (or JSON {prompt, adapter})."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat; /adapter NAME, /base switch."),
+    system: str = typer.Option(None, "--system", help="System message for chat templates."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0, help="0 = greedy."),
+) -> None:
+    """Generate with a base model and several adapters, switching per prompt without reloading.
+
+    [dim]Example: peftcli generate --adapter demo=runs/demo --prompt "What comes after Monday?"[/]
+    """
+    from peftcli.chat import Session, parse_adapters, read_prompts, run_prompts
+    from peftcli.chat import interactive as chat_loop
+
+    chosen = sum(x is not None and x is not False for x in (prompt, prompts, interactive or None))
+    if chosen != 1:
+        raise UserError("give exactly one of --prompt TEXT, --prompts FILE or --interactive")
+    session = Session(base, parse_adapters(adapter))
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+    names = list(session.adapters)
+    if interactive:
+        chat_loop(session, system, **options)
+    elif prompts is not None:
+        run_prompts(session, read_prompts(prompts, names), system, **options)
+    else:
+        run_prompts(session, [(prompt, n) for n in names or [None]], system, **options)
+
+
+@app.command()
+def init(
+    method: str = typer.Option("lora", "--method", help="PEFT method (see `peftcli methods`)."),
+    model: str = typer.Option("Qwen/Qwen2.5-0.5B-Instruct", "--model", help="Base model folder or hub id."),
+    data: str = typer.Option("data/train.jsonl", "--data", help="Training data (file, folder, glob or hub id)."),
+    out: Path = typer.Option(Path("recipe.yaml"), "--out", help="Where to write it ('-' prints it)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+) -> None:
+    """Write a commented starter recipe that validates as written.
+
+    [dim]Example: peftcli init --method dora --model ./models/tiny --out my-recipe.yaml[/]
+    """
+    from peftcli.methods import REGISTRY
+    from peftcli.starter import starter
+
+    if method not in REGISTRY:
+        raise UserError(f"--method {method!r}: unknown method", hint=f"methods: {', '.join(REGISTRY)}")
+    name = "run" if str(out) == "-" else out.stem
+    text = starter(method, model, data, name)
+    if str(out) == "-":
+        console.out.print(text, markup=False, end="")
+        return
+    if out.exists() and not force:
+        raise UserError(f"--out {out} already exists", hint="choose another name, or add --force")
+    from peftcli.rundir import atomic_write_text
+
+    atomic_write_text(out, text)
+    console.out.print(f"wrote {out}; next: peftcli validate {out}")
+
+
+@app.command()
+def schema(out: Path = typer.Option(None, "--out", help="Write to this file instead of printing.")) -> None:
+    """Print the recipe's JSON Schema (for editor completion and checks of recipe files).
+
+    [dim]Example: peftcli schema --out peftcli.schema.json[/]
+    """
+    import json
+
+    from peftcli.recipe import Recipe
+
+    text = json.dumps(Recipe.model_json_schema(), indent=2) + "\n"
+    if out is None:
+        console.out.print(text, markup=False, end="")
+    else:
+        from peftcli.rundir import atomic_write_text
+
+        atomic_write_text(out, text)
+        console.out.print(f"wrote {out}")
 
 
 data_app = typer.Typer(help="Inspect the data a recipe trains on.", no_args_is_help=True)

@@ -1,21 +1,39 @@
-"""`peftcli eval`: base vs tuned on held-out data — loss, perplexity, token accuracy, side by side.
+"""`peftcli eval`: did it help, and what did it cost? Base vs tuned, side by side:
 
-The base model is loaded once; "base" figures come from the same model with the adapter disabled,
-so both columns see identical weights, data, batches and precision.
+- loss, perplexity and token accuracy on the held-out data;
+- with `--generate`: completions of the eval prompts by both models, scored against the references
+  (exact match, normalised exact match, token F1, ROUGE-L, length) -> predictions.jsonl, eval.md;
+- with `eval.reference` (or `--reference`): perplexity on general text the user wants to keep, and
+  the rise as "forgetting %", flagged above `eval.forgetting_threshold`.
+
+Both columns see the same weights, data, batches and precision: for adapter methods "base" is the
+same loaded model with the adapter switched off.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from peftcli import console, modeling
+from peftcli import console, eval_report, modeling, scoring
 from peftcli.data import IGNORE, Encoded, prepare_data
 from peftcli.errors import UserError
 from peftcli.methods import method_of
 from peftcli.recipe import DataSource
-from peftcli.rundir import EVAL, atomic_write_json, open_run
+from peftcli.rundir import EVAL, atomic_write_json, atomic_write_text, open_run
+
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    num_samples: int = 1
+    limit: int | None = None  # at most this many eval prompts
 
 
 def batches(items: list[Encoded], batch_size: int, pad_id: int):
@@ -68,34 +86,124 @@ def score(model, items: list[Encoded], batch_size: int, pad_id: int) -> dict:
     }
 
 
-def load_tuned(run, recipe):
-    """The tuned model (base + the run's adapter, quantized as in training, or the run's full model)
-    and the run's tokenizer, which carries the chat template used in training."""
-    from peft import PeftModel
+class EvalModels:
+    """The tuned model and its base, loaded once: for adapter methods one model with the adapter
+    switched on or off; for `full`/`freeze` runs the base is loaded beside the tuned model."""
 
-    modeling.quiet_libraries()
-    method = method_of(recipe.peft)
-    artifact = run.full_model if method.saves_full_model else run.adapter
-    tokenizer = modeling.load_tokenizer(recipe.model, path=str(artifact))
-    if method.saves_full_model:
-        tuned = recipe.model.model_copy(update={"name": str(artifact), "revision": None})
-        return modeling.load_model(tuned, None), tokenizer
-    base = modeling.load_model(recipe.model, recipe.quantization)
-    return PeftModel.from_pretrained(base, str(artifact)), tokenizer
+    def __init__(self, run, recipe):
+        from peft import PeftModel
+
+        modeling.quiet_libraries()
+        self.recipe = recipe
+        self.full = method_of(recipe.peft).saves_full_model
+        artifact = run.full_model if self.full else run.adapter
+        self.tokenizer = modeling.load_tokenizer(recipe.model, path=str(artifact))
+        if self.full:
+            tuned = recipe.model.model_copy(update={"name": str(artifact), "revision": None})
+            self.tuned = modeling.load_model(tuned, None)
+        else:
+            base = modeling.load_model(recipe.model, recipe.quantization)
+            self.tuned = PeftModel.from_pretrained(base, str(artifact))
+        self._base = None
+
+    @contextmanager
+    def use(self, which: str):
+        if which == "tuned":
+            yield self.tuned
+        elif not self.full:
+            with self.tuned.disable_adapter():
+                yield self.tuned
+        else:
+            if self._base is None:
+                self._base = modeling.load_model(self.recipe.model, self.recipe.quantization)
+            yield self._base
+
+    def score_both(self, items: list[Encoded], batch_size: int, what: str) -> dict:
+        result = {}
+        for which in ("base", "tuned"):
+            with console.err.status(f"{what}: scoring {len(items)} examples ({which})"), self.use(which) as model:
+                result[which] = score(model, items, batch_size, self.tokenizer.pad_token_id)
+        return result
 
 
-@contextmanager
-def base_model_of(model, recipe):
-    """The base model to compare with: the same object with the adapter switched off, or (for runs
-    that trained the weights themselves) the base loaded from the recipe."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
-        yield modeling.load_model(recipe.model, recipe.quantization)
+def forgetting(models: EvalModels, recipe, reference: str, batch_size: int) -> dict:
+    """Perplexity of base and tuned on general text; the rise in % is the forgetting figure."""
+    path = Path(reference)
+    if not path.exists():
+        raise UserError(f"eval.reference: {reference} not found")
+    section = recipe.data.model_copy(
+        update={
+            "train_on": "all",
+            "overlong": "truncate",
+            "bad_rows": "skip",
+            "eval": None,
+            "eval_split": None,
+            "format": "auto",
+        }
+    )
+    items = prepare_data(section, models.tokenizer, 0, eval_only=[DataSource(path=str(path))]).eval
+    scores = models.score_both(items, batch_size, "reference")
+    base, tuned = scores["base"]["perplexity"], scores["tuned"]["perplexity"]
+    percent = round(100 * (tuned / base - 1), 3)
+    threshold = recipe.eval.forgetting_threshold
+    return {
+        "reference": str(path),
+        "examples": len(items),
+        "base_perplexity": base,
+        "tuned_perplexity": tuned,
+        "forgetting_percent": percent,
+        "threshold_percent": threshold,
+        "flagged": percent > threshold,
+    }
 
 
-def run_eval(run_path: Path, data_path: Path | None = None, batch_size: int = 8) -> dict:
+def generation_eval(models: EvalModels, examples, options: GenerateOptions, seed: int) -> tuple[dict, list[dict]]:
+    from peftcli.generation import generate, prompt_from_example
+
+    prompts = [p for p in (prompt_from_example(models.tokenizer, e) for e in examples) if p is not None]
+    if not prompts:
+        raise UserError("--generate: the eval data has no prompts with references (plain text rows have none)")
+    prompts = prompts[: options.limit] if options.limit else prompts
+    outputs = {}
+    for which in ("base", "tuned"):
+        with console.err.status(f"generating {len(prompts)} completions ({which})"), models.use(which) as model:
+            outputs[which] = generate(
+                model,
+                models.tokenizer,
+                prompts,
+                max_new_tokens=options.max_new_tokens,
+                temperature=options.temperature,
+                num_samples=options.num_samples,
+                seed=seed,
+            )
+    rows, per_model = [], {"base": [], "tuned": []}
+    for i, prompt in enumerate(prompts):
+        row = {"origin": prompt.origin, "prompt": prompt.shown, "reference": prompt.reference}
+        scores = {}
+        for which in ("base", "tuned"):
+            samples = outputs[which][i]
+            row[which] = samples if options.num_samples > 1 else samples[0]
+            scores[which] = scoring.average([scoring.score(s, prompt.reference) for s in samples])
+            per_model[which].append(scores[which])
+        rows.append({**row, "scores": scores})
+    summary = {
+        "examples": len(prompts),
+        "max_new_tokens": options.max_new_tokens,
+        "temperature": options.temperature,
+        "num_samples": options.num_samples,
+        "base": scoring.average(per_model["base"]),
+        "tuned": scoring.average(per_model["tuned"]),
+    }
+    return summary, rows
+
+
+def run_eval(
+    run_path: Path,
+    data_path: Path | None = None,
+    batch_size: int = 8,
+    generate: GenerateOptions | None = None,
+    reference: str | None = None,
+) -> dict:
     run = open_run(run_path)
     recipe = run.recipe()
     modeling.check_model_source(recipe.model)
@@ -109,44 +217,29 @@ def run_eval(run_path: Path, data_path: Path | None = None, batch_size: int = 8)
         raise UserError(
             f"{run_path}: the run has no eval data (no data.eval or data.eval_split)", hint="pass --data FILE"
         )
+    reference = reference or recipe.eval.reference
 
-    model, tokenizer = load_tuned(run, recipe)
-    data = prepare_data(recipe.data, tokenizer, recipe.training.seed, eval_only=eval_only)
-    items = data.eval
-    with console.err.status(f"scoring {len(items)} examples with the tuned model"):
-        tuned = score(model, items, batch_size, tokenizer.pad_token_id)
-    with console.err.status(f"scoring {len(items)} examples without it"), base_model_of(model, recipe) as base_model:
-        base = score(base_model, items, batch_size, tokenizer.pad_token_id)
-
+    models = EvalModels(run, recipe)
+    data = prepare_data(recipe.data, models.tokenizer, recipe.training.seed, eval_only=eval_only)
+    scores = models.score_both(data.eval, batch_size, "eval data")
     result = {
         "run": str(run.path),
         "data": str(data_path) if data_path else "run eval data",
-        "examples": len(items),
-        "base": base,
-        "tuned": tuned,
-        "delta": {k: round(tuned[k] - base[k], 6) for k in ("loss", "perplexity", "token_accuracy")},
+        "examples": len(data.eval),
+        **scores,
+        "delta": {
+            k: round(scores["tuned"][k] - scores["base"][k], 6) for k in ("loss", "perplexity", "token_accuracy")
+        },
     }
-    atomic_write_json(run.path / EVAL, result)
-    print_table(result)
-    return result
-
-
-def print_table(result: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"base vs tuned on {result['examples']} examples ({result['base']['tokens']:,} tokens)")
-    table.add_column("metric")
-    for column in ("base", "tuned", "change"):
-        table.add_column(column, justify="right")
-    for key, better in (("loss", "lower"), ("perplexity", "lower"), ("token_accuracy", "higher")):
-        b, t = result["base"][key], result["tuned"][key]
-        improved = (t < b) if better == "lower" else (t > b)
-        change = f"{t - b:+.4f}"
-        table.add_row(
-            f"{key} ({better} is better)",
-            f"{b:.4f}",
-            f"{t:.4f}",
-            f"[green]{change}[/]" if improved else f"[red]{change}[/]",
+    if reference:
+        result["forgetting"] = forgetting(models, recipe, reference, batch_size)
+    predictions: list[dict] = []
+    if generate is not None:
+        result["generation"], predictions = generation_eval(models, data.eval_examples, generate, recipe.training.seed)
+        atomic_write_text(
+            run.path / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions)
         )
-    console.out.print(table)
-    console.out.print(f"written to {Path(result['run']) / EVAL}")
+    atomic_write_json(run.path / EVAL, result)
+    eval_report.write(run, recipe, result, predictions)
+    eval_report.print_tables(result, console.out)
+    return result

@@ -118,7 +118,7 @@ def _loss_table(history: list[dict], rows: int = 12) -> list[str]:
     return ["| step | loss |", "|---:|---:|", *(f"| {h['step']} | {h['loss']:.4f} |" for h in picked)]
 
 
-def render_report(metrics: dict, recipe, has_plot: bool) -> str:
+def render_report(metrics: dict, recipe, has_plot: bool, eval_result: dict | None = None) -> str:
     t, d = recipe.training, recipe.data
     steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
     quant = metrics["quantization"] or "none"
@@ -140,6 +140,7 @@ def render_report(metrics: dict, recipe, has_plot: bool) -> str:
         "",
         "## Loss",
         f"- final train loss: {_fmt(metrics['train_loss'])}; eval loss: {_fmt(metrics['eval_loss'])}",
+        *_eval_lines(metrics),
         "",
         *_loss_table(metrics["loss_history"]),
         "",
@@ -157,7 +158,34 @@ def render_report(metrics: dict, recipe, has_plot: bool) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in metrics["versions"].items()),
         "",
     ]
+    if eval_result is not None:
+        from peftcli.eval_report import EVAL_PLOT, summary_lines
+
+        lines += [
+            "## Eval (`peftcli eval`)",
+            "",
+            *summary_lines(eval_result),
+            "",
+            f"![eval]({EVAL_PLOT})",
+            "",
+            "Details: `eval.json`, `eval.md`" + (", `predictions.jsonl`." if eval_result.get("generation") else "."),
+            "",
+        ]
     return "\n".join(lines)
+
+
+def _eval_lines(metrics: dict) -> list[str]:
+    history = metrics.get("eval_history") or []
+    if not history:
+        return []
+    lines = ["- eval loss during training: " + ", ".join(f"{h['eval_loss']:.4f} @ {h['step']}" for h in history)]
+    if metrics.get("adapter_is") == "best":
+        stopped = "stopped early; " if metrics.get("stopped_early") else ""
+        lines.append(
+            f"- {stopped}adapter/ is the best one seen: step {metrics.get('best_step')}, eval loss "
+            f"{_fmt(metrics.get('best_eval_loss'))}"
+        )
+    return lines
 
 
 def _method_digest(peft) -> str:
@@ -171,7 +199,7 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 def write_run_report(outcome: TrainOutcome) -> dict:
     metrics = build_metrics(outcome)
-    has_plot = plot_loss(metrics["loss_history"], outcome.run_dir / LOSS_PLOT)
+    has_plot = plot_loss(metrics["loss_history"], outcome.run_dir / LOSS_PLOT, metrics.get("eval_history"))
     atomic_write_json(outcome.run_dir / METRICS, metrics)
     atomic_write_text(outcome.run_dir / REPORT, redact(render_report(metrics, outcome.recipe, has_plot)))
     return metrics

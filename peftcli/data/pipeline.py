@@ -47,6 +47,7 @@ class PreparedData:
     template: ChatTemplate | None
     train_stats: SplitStats
     eval_stats: SplitStats
+    eval_examples: list[Example] = field(default_factory=list)  # before tokenization: prompts + references
 
 
 @dataclass
@@ -173,4 +174,4 @@ def prepare_data(data: DataSection, tokenizer, seed: int, eval_only: list[DataSo
     train_stats = train_read.stats if train_read else SplitStats()
     train = _encode_all(train_examples, tokenizer, data, train_stats, "data.train") if train_read else []
     evaluation = _encode_all(eval_examples, tokenizer, data, eval_stats, "data.eval") if eval_examples else []
-    return PreparedData(train, evaluation, template, train_stats, eval_stats)
+    return PreparedData(train, evaluation, template, train_stats, eval_stats, eval_examples)

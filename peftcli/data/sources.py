@@ -1,4 +1,4 @@
-"""Reading raw rows from a data source: local files (jsonl, json, csv, parquet), a directory or glob
+"""Reading raw rows from a data source: local files (jsonl, json, csv, parquet, txt), a directory or glob
 of them, a dataset saved with `datasets.save_to_disk`, or a hub dataset id.
 
 Local files are parsed here rather than through `datasets` so that every bad row can be reported
@@ -20,7 +20,7 @@ from typing import Any
 from peftcli.errors import UserError
 from peftcli.recipe import DataSource
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,14 @@ def _read_file(path: Path, key: str) -> list[Row | BadRow]:
         raise UserError(f"{key}: {path.name}: unsupported file type '{path.suffix}'", hint=f"use one of {SUFFIXES}")
     if path.stat().st_size == 0:
         raise UserError(f"{key}: {path} is empty")
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[path.suffix]
+    readers = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".csv": _read_csv,
+        ".parquet": _read_parquet,
+        ".txt": _read_text,
+    }
+    reader = readers[path.suffix]
     try:
         return reader(path)
     except UnicodeDecodeError as exc:
@@ -141,6 +148,22 @@ def _read_csv(path: Path) -> list[Row | BadRow]:
                 )
                 continue
             rows.append(Row(dict(record), origin))
+    return rows
+
+
+def _read_text(path: Path) -> list[Row | BadRow]:
+    """Plain text: one `text` row per paragraph (paragraphs are separated by blank lines)."""
+    rows: list[Row | BadRow] = []
+    paragraph: list[str] = []
+    start = 0
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], start=1):
+        if line.strip():
+            if not paragraph:
+                start = number
+            paragraph.append(line)
+        elif paragraph:
+            rows.append(Row({"text": "\n".join(paragraph)}, f"{path.name} line {start}"))
+            paragraph = []
     return rows
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from peftcli.methods import PeftSpec
 from peftcli.methods.lora import LoraSpec
@@ -69,7 +69,12 @@ def _as_source_list(value: Any) -> Any:
     return [{"path": item} if isinstance(item, str) else item for item in items]
 
 
-Sources = Annotated[list[DataSource], Field(min_length=1)]
+# Stored as a list of sources; written as a path, a source mapping, or a list of either.
+Sources = Annotated[
+    list[DataSource],
+    Field(min_length=1),
+    BeforeValidator(_as_source_list, json_schema_input_type=str | DataSource | list[str | DataSource]),
+]
 
 
 class DataSection(Strict):
@@ -89,8 +94,6 @@ class DataSection(Strict):
     )
     bad_rows: Literal["error", "skip"] = Field("error", description="Malformed rows: stop, or skip and count.")
 
-    _sources = field_validator("train", "eval", mode="before")(_as_source_list)
-
 
 class TrainingSection(Strict):
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; or set epochs.")
@@ -109,9 +112,38 @@ class TrainingSection(Strict):
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     seed: int = 42
+    eval_steps: PositiveInt | None = Field(None, description="Compute the eval loss every N steps while training.")
+    early_stopping_patience: PositiveInt | None = Field(
+        None, description="Stop after N evals without improvement; adapter/ is then the best one seen."
+    )
+    early_stopping_threshold: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Smallest eval-loss drop that counts as an improvement."
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Loggers: tensorboard (into RUN/tensorboard), wandb, mlflow (when installed); [] for none.",
+    )
     logging_steps: PositiveInt = Field(1, description="Log the loss every N steps.")
     save_steps: PositiveInt = Field(100, description="Write checkpoint-N every N steps (and at the end).")
     save_total_limit: PositiveInt | None = Field(3, description="Keep at most this many checkpoints.")
+
+
+class EvalSection(Strict):
+    reference: str | None = Field(
+        None, description="General text (a .txt file or any data format) to measure forgetting on."
+    )
+    forgetting_threshold: Annotated[float, Field(ge=0)] = Field(
+        5.0, description="Perplexity rise on the reference, in %, that the report flags."
+    )
+    max_new_tokens: PositiveInt = Field(64, description="Generation eval: tokens generated per prompt.")
+    temperature: Annotated[float, Field(ge=0)] = Field(0.0, description="Generation eval: 0 = greedy.")
+    num_samples: PositiveInt = Field(1, description="Generation eval: samples per prompt (needs temperature > 0).")
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> EvalSection:
+        if self.num_samples > 1 and self.temperature == 0:
+            raise ValueError("eval.num_samples > 1 needs eval.temperature > 0 (greedy samples are identical)")
+        return self
 
 
 class OutputSection(Strict):
@@ -124,6 +156,7 @@ class Recipe(Strict):
     peft: PeftSpec = Field(default_factory=LoraSpec)  # type: ignore[valid-type]
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     @field_validator("peft", mode="before")
@@ -143,6 +176,11 @@ class Recipe(Strict):
             raise ValueError("training.max_steps and training.epochs both set; keep one")
         if training.max_steps is None and training.epochs is None:
             training.epochs = 1.0
+        has_eval = data.eval is not None or data.eval_split is not None
+        if training.eval_steps is not None and not has_eval:
+            raise ValueError("training.eval_steps needs eval data: set data.eval or data.eval_split")
+        if training.early_stopping_patience is not None and training.eval_steps is None:
+            raise ValueError("training.early_stopping_patience needs training.eval_steps (how often to evaluate)")
         from peftcli.methods import method_of
 
         method = method_of(self.peft)

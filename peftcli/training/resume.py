@@ -24,6 +24,8 @@ NOT_TRAINING_RELEVANT = (
     "training.logging_steps",
     "training.save_steps",
     "training.save_total_limit",
+    "training.eval_steps",
+    "training.report_to",
     "output.dir",
     "data.eval",
     "data.bad_rows",

@@ -20,7 +20,16 @@ from peftcli.data import PreparedData, prepare_data
 from peftcli.errors import Interrupted, UserError
 from peftcli.methods import Method, MethodContext, method_of
 from peftcli.recipe import Recipe, recipe_to_yaml
-from peftcli.rundir import RECIPE, artifact_dir, atomic_dir, atomic_write_text, check_output_dir, create_output_dir
+from peftcli.rundir import (
+    RECIPE,
+    artifact_dir,
+    atomic_dir,
+    atomic_write_text,
+    check_output_dir,
+    create_output_dir,
+    replace_dir,
+)
+from peftcli.training.tracking import BEST, BEST_INFO, EvalTracker, check_loggers, loggers
 from peftcli.training.trainer import TokenCounter, build_trainer
 
 
@@ -76,6 +85,7 @@ def preflight(recipe: Recipe, overwrite: bool) -> None:
     modeling.check_model_source(recipe.model)
     modeling.check_remote_code(recipe.model)
     modeling.check_quantization(recipe.quantization)
+    check_loggers(recipe.training.report_to)
     config = modeling.read_config(recipe.model)
     context = config.get("max_position_embeddings")
     if context and recipe.data.max_length > context:
@@ -185,7 +195,15 @@ def run_training(
     if checkpoint is None or force:
         atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
     stop = GracefulStop()
-    trainer = build_trainer(recipe, prepared, out, callbacks=[TrainingProgress(console), stop])
+    t = recipe.training
+    tracker = EvalTracker(
+        out,
+        lambda model, folder: save_artifact(recipe, prepared, model, folder),
+        t.early_stopping_patience,
+        t.early_stopping_threshold,
+    )
+    callbacks = [TrainingProgress(console), stop, tracker, *loggers(t.report_to, out)]
+    trainer = build_trainer(recipe, prepared, out, callbacks=callbacks)
     _report_data(prepared, trainer, recipe)
 
     if torch.cuda.is_available():
@@ -220,15 +238,36 @@ def run_training(
             hint=f"continue with: peftcli train {source or Path(recipe.output.dir) / RECIPE} --resume",
         )
 
-    # The adapter (or full model) + tokenizer with its chat template, atomically.
-    with atomic_dir(artifact_dir(out, prepared.method)) as tmp:
-        prepared.method.save(recipe.peft, trainer.model, tmp, prepared.ctx)
-        prepared.tokenizer.save_pretrained(tmp)
+    # The adapter (or full model) + tokenizer with its chat template, atomically. With early
+    # stopping it is the best one evaluated (saved by the tracker when it was seen).
+    final = artifact_dir(out, prepared.method)
+    if t.early_stopping_patience is not None and (out / BEST).is_dir():
+        replace_dir(out / BEST, final)
+        (out / BEST_INFO).unlink(missing_ok=True)  # metrics.json carries best_step / best_eval_loss
+        eval_loss = tracker.best
+    else:
+        with atomic_dir(final) as tmp:
+            save_artifact(recipe, prepared, trainer.model, tmp)
+        eval_loss = trainer.evaluate()["eval_loss"] if prepared.data.eval else None
     prepared.scratch.cleanup()
-    eval_loss = trainer.evaluate()["eval_loss"] if prepared.data.eval else None
     outcome = _outcome(recipe, prepared, trainer, trainable, total, runtime, eval_loss)
+    outcome.extra = {
+        "eval_history": [
+            {"step": e["step"], "eval_loss": e["eval_loss"]}
+            for e in trainer.state.log_history
+            if "eval_loss" in e and "step" in e
+        ],
+        **tracker.summary(),
+        "adapter_is": "best" if t.early_stopping_patience is not None else "final",
+    }
     report.write_run_report(outcome)
     return outcome
+
+
+def save_artifact(recipe: Recipe, prepared: Prepared, model, folder: Path) -> None:
+    """The method's artifact (adapter, or full model) and the tokenizer with its chat template."""
+    prepared.method.save(recipe.peft, model, folder, prepared.ctx)
+    prepared.tokenizer.save_pretrained(folder)
 
 
 def _outcome(recipe, prepared: Prepared, trainer, trainable, total, runtime, eval_loss) -> TrainOutcome:

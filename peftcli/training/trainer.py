@@ -72,7 +72,8 @@ def sft_config(recipe: Recipe, out: Path, dtype):
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        eval_strategy="no",
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
         report_to="none",
         disable_tqdm=True,  # our own progress bar (progress.py)
         use_cpu=not torch.cuda.is_available(),

@@ -1,0 +1,179 @@
+"""`peftcli generate`: one base model, several adapters, switched per prompt without reloading.
+
+    peftcli generate --base MODEL --adapter support=runs/a --adapter sales=runs/b --prompt "Hello"
+    peftcli generate --adapter a=runs/a --prompts prompts.jsonl
+    peftcli generate --adapter a=runs/a --adapter b=runs/b --interactive
+
+The base is loaded once; every adapter is attached to it with PEFT's `load_adapter` and selected
+with `set_adapter` (or switched off for `base`). Each adapter renders prompts with the chat
+template it was trained with and stops at that template's end-of-turn token. Output streams to
+the terminal token by token.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftcli import console, modeling
+from peftcli.errors import UserError
+from peftcli.generation import Prompt, active, generate, render_prompt
+from peftcli.recipe import ModelSection
+from peftcli.rundir import open_run
+
+BASE = "base"
+
+
+@dataclass
+class Adapter:
+    name: str
+    run: Path
+    tokenizer: object
+    chat: bool  # trained on chat-formatted data (else on raw prompt/completion text)
+
+
+def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
+    parsed, seen = [], set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--adapter {spec!r}: expected NAME=RUN, e.g. --adapter support=runs/support")
+        if "." in name or name == BASE or name in seen:
+            raise UserError(f"--adapter {spec!r}: names must be unique, not '{BASE}', and contain no '.'")
+        seen.add(name)
+        parsed.append((name, Path(path)))
+    return parsed
+
+
+class Session:
+    """The base model with its adapters attached, and the tokenizer each one uses."""
+
+    def __init__(self, base: str | None, adapters: list[tuple[str, Path]]):
+        from peft import PeftModel
+
+        runs = [(name, open_run(path)) for name, path in adapters]
+        recipes = [run.recipe() for _, run in runs]
+        for (name, _), recipe in zip(runs, recipes):
+            if recipe.peft.method in ("full", "freeze"):
+                raise UserError(
+                    f"--adapter {name}: that run trained the whole model (method "
+                    f"{recipe.peft.method}); load its model/ folder as --base instead"
+                )
+        quantization = recipes[0].quantization if recipes else None
+        if len({(r.quantization.describe() if r.quantization else None) for r in recipes}) > 1:
+            quantization = None  # adapters trained on differently quantized bases: use full precision
+        first = recipes[0].model if recipes else None
+        model_section = ModelSection(name=base) if base else first
+        if model_section is None:
+            raise UserError("give --base MODEL, or at least one --adapter NAME=RUN")
+        for (name, _), recipe in zip(runs, recipes):
+            if base and recipe.model.name != base:
+                console.warn(f"adapter {name} was trained on {recipe.model.name}, not on --base {base}")
+        modeling.check_model_source(model_section)
+        modeling.quiet_libraries()
+        with console.err.status(f"loading {model_section.name}"):
+            self.model = modeling.load_model(model_section, quantization)
+        self.base_tokenizer = modeling.load_tokenizer(model_section)
+        self.adapters: dict[str, Adapter] = {}
+        for (name, run), recipe in zip(runs, recipes):
+            if not self.adapters:
+                self.model = PeftModel.from_pretrained(self.model, str(run.adapter), adapter_name=name)
+            else:
+                self.model.load_adapter(str(run.adapter), adapter_name=name)
+            tokenizer = modeling.load_tokenizer(recipe.model, path=str(run.adapter))
+            chat = (run.metrics().get("data") or {}).get("chat_template") is not None
+            self.adapters[name] = Adapter(name, run.path, tokenizer, chat)
+        self.model.eval()
+
+    def tokenizer_for(self, adapter: str | None):
+        return self.adapters[adapter].tokenizer if adapter else self.base_tokenizer
+
+    def prompt(self, adapter: str | None, messages: list[dict]) -> Prompt:
+        tokenizer = self.tokenizer_for(adapter)
+        chat = self.adapters[adapter].chat if adapter else bool(tokenizer.chat_template)
+        return Prompt(render_prompt(tokenizer, messages, chat), messages[-1]["content"], None, chat)
+
+    def reply(self, adapter: str | None, messages: list[dict], stream: bool, **options) -> str:
+        from transformers import TextStreamer
+
+        tokenizer = self.tokenizer_for(adapter)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        with active(self.model, adapter) as model:
+            return generate(model, tokenizer, [self.prompt(adapter, messages)], streamer=streamer, **options)[0][0]
+
+
+def read_prompts(path: Path, names: list[str]) -> list[tuple[str, str | None]]:
+    """(prompt, adapter) pairs: a plain line goes to every adapter, a JSON line may name one."""
+    if not path.is_file():
+        raise UserError(f"--prompts {path}: no such file")
+    pairs: list[tuple[str, str | None]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"--prompts {path.name} line {number}: invalid JSON ({exc.msg})") from None
+            text, target = row.get("prompt"), row.get("adapter")
+            if not isinstance(text, str):
+                raise UserError(f"--prompts {path.name} line {number}: needs a 'prompt' string")
+            if target is not None and target not in names and target != BASE:
+                raise UserError(
+                    f"--prompts {path.name} line {number}: unknown adapter {target!r}",
+                    hint=f"adapters: {', '.join(names)} (or {BASE})",
+                )
+            pairs += [(text, None if target == BASE else target)] if target else [(text, n) for n in names or [None]]
+        else:
+            pairs += [(line, n) for n in names or [None]]
+    return pairs
+
+
+def run_prompts(session: Session, pairs: list[tuple[str, str | None]], system: str | None, **options) -> None:
+    for text, adapter in pairs:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        console.err.print(f"\n[{adapter or BASE}] {text}", markup=False, style="bold")
+        session.reply(adapter, messages, stream=True, **options)
+
+
+HELP = "commands: /adapter NAME, /base, /adapters, /reset, /quit"
+
+
+def interactive(session: Session, system: str | None, **options) -> None:
+    adapter = next(iter(session.adapters), None)
+    history: list[dict] = []
+    console.err.print(f"chatting with {adapter or BASE}; {HELP}", markup=False)
+    while True:
+        try:
+            line = input(f"{adapter or BASE}> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        command, _, argument = line.strip().partition(" ")
+        if command in ("/quit", "/exit"):
+            return
+        if command == "/adapter":
+            if argument not in session.adapters:
+                console.err.print(f"no adapter {argument!r}; adapters: {', '.join(session.adapters)}", markup=False)
+                continue
+            adapter = argument
+        elif command == "/base":
+            adapter = None
+        elif command == "/adapters":
+            console.err.print(", ".join(session.adapters) or "(none)", markup=False)
+        elif command == "/reset":
+            history = []
+        elif command.startswith("/"):
+            console.err.print(HELP, markup=False)
+        elif line.strip():
+            history.append({"role": "user", "content": line})
+            system_turn = [{"role": "system", "content": system}] if system else []
+            history.append(
+                {"role": "assistant", "content": session.reply(adapter, system_turn + history, stream=True, **options)}
+            )
+            continue
+        else:
+            continue
+        console.err.print(f"now using {adapter or BASE}", markup=False)

@@ -1,0 +1,125 @@
+"""Generating text with a base model and any of its adapters: prompts rendered with the chat
+template the adapter was trained with, stopping at that template's end-of-turn token.
+
+Used by `peftcli eval --generate` (base vs tuned on the eval prompts) and `peftcli generate`
+(several adapters on one base, switched per prompt with PEFT's `set_adapter`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from peftcli.data.formats import Example
+
+PROBE = "\u2063probe-reply\u2063"  # a reply no template rewrites, to find what follows a reply
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready for the model, and the reference answer when there is one."""
+
+    text: str  # what the model is fed (rendered with the chat template for chat examples)
+    shown: str  # what a person reads: the last user message, or the raw prompt
+    reference: str | None
+    chat: bool  # rendered by a template, which writes its own BOS; raw prompts get the tokenizer's
+    origin: str = ""
+
+
+def render_prompt(tokenizer, messages: list[dict], chat: bool) -> str:
+    if chat:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return messages[-1]["content"]
+
+
+def prompt_from_example(tokenizer, example: Example) -> Prompt | None:
+    """The prompt of an eval example (everything before its last reply) and the reply as reference."""
+    if example.is_chat:
+        turns = list(example.turns)
+        last = max(i for i, t in enumerate(turns) if t.role == "assistant")
+        messages = [{"role": t.role, "content": t.content} for t in turns[:last]]
+        user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        return Prompt(render_prompt(tokenizer, messages, True), user, turns[last].content, True, example.origin)
+    if not example.prompt:  # plain text: nothing to answer
+        return None
+    return Prompt(example.prompt, example.prompt, example.completion, False, example.origin)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the token the chat template writes after a reply (`<|eot_id|>`, `<|im_end|>`, ...)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template may reject the probe; EOS still stops
+            return ids
+        after = text[text.find(PROBE) + len(PROBE) :]
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        for token in tokenizer(after, add_special_tokens=False)["input_ids"]:
+            if token in special:
+                if token not in ids:
+                    ids.append(token)
+                break
+    return ids
+
+
+@contextmanager
+def active(model, adapter: str | None):
+    """Run `model` with one adapter active, or with adapters off (`None` = the base model)."""
+    if adapter is None:
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                yield model
+        else:
+            yield model
+        return
+    model.set_adapter(adapter)
+    yield model
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    num_samples: int = 1,
+    batch_size: int = 8,
+    streamer=None,
+    seed: int = 0,
+) -> list[list[str]]:
+    """Completions for each prompt (`num_samples` each), decoded without the prompt."""
+    import torch
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+    stops = stop_token_ids(tokenizer)
+    sampling = {"do_sample": True, "temperature": temperature, "num_return_sequences": num_samples}
+    outputs: list[list[str]] = [[] for _ in prompts]
+    torch.manual_seed(seed)
+    # A template writes its own BOS; a raw prompt gets the tokenizer's, as in training: batch each kind apart.
+    for chat in (True, False):
+        indices = [i for i, p in enumerate(prompts) if p.chat == chat]
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            batch = tokenizer(
+                [prompts[i].text for i in chunk], return_tensors="pt", padding=True, add_special_tokens=not chat
+            ).to(device)
+            with torch.no_grad():
+                generated = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stops,
+                    pad_token_id=tokenizer.pad_token_id,
+                    streamer=streamer,
+                    **(sampling if temperature > 0 else {"do_sample": False}),
+                )
+            texts = [
+                tokenizer.decode(t, skip_special_tokens=True).strip()
+                for t in generated[:, batch["input_ids"].shape[1] :]
+            ]
+            for n, i in enumerate(chunk):
+                outputs[i] = texts[n * num_samples : (n + 1) * num_samples]
+    return outputs

@@ -1,0 +1,101 @@
+"""What training reports while it runs: eval loss every `eval_steps`, the best adapter kept for
+early stopping, and the loggers of `training.report_to` (TensorBoard into RUN/tensorboard)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from peftcli.errors import UserError
+from peftcli.rundir import atomic_dir, atomic_write_json
+
+BEST = "best-adapter"  # the best adapter so far (early stopping); becomes adapter/ at the end
+BEST_INFO = "best.json"
+
+
+class EvalTracker(TrainerCallback):
+    """Tracks eval loss; with a patience, keeps the best adapter on disk and stops training after
+    `patience` evaluations without an improvement of at least `threshold`.
+
+    The best adapter is saved at the moment it is evaluated (atomically, beside the checkpoints), so
+    `adapter/` can be the best one even when that step was never a checkpoint. After a resume the
+    state is rebuilt from the eval losses in the restored log history."""
+
+    def __init__(self, run_dir: Path, save, patience: int | None, threshold: float):
+        self.run_dir = run_dir
+        self.save = save  # callable(model, folder): writes the adapter (or model) + tokenizer
+        self.patience = patience
+        self.threshold = threshold
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.stopped_early = False
+
+    def _update(self, step: int, loss: float) -> bool:
+        improved = self.best is None or loss < self.best - self.threshold
+        if improved:
+            self.best, self.best_step, self.bad_evals = loss, step, 0
+        else:
+            self.bad_evals += 1
+        return improved
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for entry in state.log_history:  # non-empty after a resume
+            if "eval_loss" in entry:
+                self._update(entry["step"], entry["eval_loss"])
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return control
+        improved = self._update(state.global_step, loss)
+        if self.patience is None:
+            return control
+        if improved and model is not None:
+            with atomic_dir(self.run_dir / BEST) as tmp:
+                self.save(model, tmp)
+            atomic_write_json(self.run_dir / BEST_INFO, {"step": self.best_step, "eval_loss": self.best})
+        elif self.bad_evals >= self.patience:
+            self.stopped_early = True
+            control.should_training_stop = True
+        return control
+
+    def summary(self) -> dict:
+        return {"best_step": self.best_step, "best_eval_loss": self.best, "stopped_early": self.stopped_early}
+
+
+LOGGER_PACKAGES = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_loggers(report_to: list[str]) -> None:
+    """A logger of `training.report_to` that is not installed is a user error, found before training."""
+    for name in report_to:
+        if importlib.util.find_spec(LOGGER_PACKAGES[name]) is None:
+            raise UserError(
+                f"training.report_to: {name} is not installed",
+                hint=f"pip install {LOGGER_PACKAGES[name]}, or remove it from training.report_to",
+            )
+
+
+def loggers(report_to: list[str], run_dir: Path) -> list:
+    """Trainer callbacks for `training.report_to`."""
+    callbacks = []
+    if "tensorboard" in report_to:
+        from transformers.integrations import TensorBoardCallback
+
+        tensorboard = TensorBoardCallback()
+        # Set the folder rather than a writer: the callback closes its writer at the end of training
+        # and opens a new one (in its default `runs/` folder) for the final eval's log otherwise.
+        tensorboard.logging_dir = str(run_dir / "tensorboard")
+        callbacks.append(tensorboard)
+    if "wandb" in report_to:
+        from transformers.integrations import WandbCallback
+
+        callbacks.append(WandbCallback())
+    if "mlflow" in report_to:
+        from transformers.integrations import MLflowCallback
+
+        callbacks.append(MLflowCallback())
+    return callbacks
