@@ -70,6 +70,12 @@ def train(
         help="Continue the run in output.dir from its newest complete checkpoint, or from CHECKPOINT.",
     ),
     force: bool = typer.Option(False, "--force", help="With --resume: accept a recipe that differs from the run's."),
+    num_processes: int = typer.Option(
+        1, "--num-processes", min=1, help="Train on N devices (DDP; FSDP/ZeRO with --accelerate-config)."
+    ),
+    accelerate_config: Path = typer.Option(
+        None, "--accelerate-config", help="accelerate config for --num-processes (see recipes/accelerate/)."
+    ),
 ) -> None:
     """Train an adapter as the recipe says and write the run directory.
 
@@ -81,13 +87,26 @@ def train(
     if force and not resume:
         raise UserError("--force only applies with --resume")
     resolved = _load(recipe, set_)
+    from peftcli import launch
+
+    if num_processes > 1 and launch.world_size() == 1:
+        from peftcli.training.stage import preflight
+
+        if not resume:
+            preflight(resolved, overwrite)  # report recipe/model/folder errors once, not once per process
+        args = ["train", str(recipe.resolve()), *[f"--set={item}" for item in set_]]
+        args += ["--overwrite"] * overwrite + [f"--resume={resume}"] * bool(resume) + ["--force"] * force
+        launch.relaunch(args, num_processes, accelerate_config)
     from peftcli.training import run_training
 
     outcome = run_training(
         resolved, overwrite=overwrite, resume=resume, force=force, console=console.err, source=str(recipe)
     )
-    metrics = outcome.run_dir / "metrics.json"
-    console.out.print(f"run written to {outcome.run_dir} (report: {outcome.run_dir / 'report.md'}, metrics: {metrics})")
+    if launch.is_main_process():
+        metrics = outcome.run_dir / "metrics.json"
+        console.out.print(
+            f"run written to {outcome.run_dir} (report: {outcome.run_dir / 'report.md'}, metrics: {metrics})"
+        )
 
 
 @app.command("eval")

@@ -156,36 +156,59 @@ def bnb_config(quant: QuantizationSection, dtype):
 
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    import torch
+
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=getattr(torch, quant.storage_dtype or "uint8"),
     )
 
 
-def load_model(model: ModelSection, quant: QuantizationSection | None = None, dtype=None):
-    """The base model in its compute dtype, quantized when `quant` is given, on the GPU if there is one."""
+def sharded_launch() -> bool:
+    """Under FSDP or DeepSpeed the launcher places (and shards) the weights, not us."""
+    return (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    )
+
+
+def local_device():
+    """This process's device: its GPU under a multi-process launch (LOCAL_RANK), else cuda:0 or cpu."""
     import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def load_model(model: ModelSection, quant: QuantizationSection | None = None, dtype=None, attn: str | None = None):
+    """The base model in its compute dtype, quantized when `quant` is given, on this process's GPU if
+    there is one. `attn` overrides `model.attn_implementation` (training resolves `auto` to a kernel)."""
     from transformers import AutoModelForCausalLM
 
     check_quantization(quant)
     dtype = dtype or compute_dtype(model.dtype)
+    device = local_device()
     kwargs = dict(dtype=dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    if model.attn_implementation != "auto":
-        kwargs["attn_implementation"] = model.attn_implementation
+    attn = attn or (model.attn_implementation if model.attn_implementation != "auto" else None)
+    if attn:
+        kwargs["attn_implementation"] = attn
+    sharded = sharded_launch()
     if quant is not None:
         kwargs["quantization_config"] = bnb_config(quant, dtype)
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        if device.type == "cuda" and not sharded:
+            kwargs["device_map"] = {"": device.index}
     try:
         loaded = AutoModelForCausalLM.from_pretrained(model.name, **kwargs)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise _hub_error("model.name", model.name, exc) from None
-    if quant is None and torch.cuda.is_available():
-        loaded = loaded.to("cuda")
+    if quant is None and device.type == "cuda" and not sharded:
+        loaded = loaded.to(device)
     return loaded
 
 

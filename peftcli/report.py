@@ -46,8 +46,12 @@ def loss_history(log_history: list[dict]) -> list[dict]:
 
 
 def build_metrics(o: TrainOutcome) -> dict:
+    from peftcli.hardware import utilisation
+
     history = loss_history(o.log_history)
     train_tokens = o.tokens.real
+    per_second = train_tokens / o.runtime_s if o.runtime_s > 0 else 0.0
+    per_device = per_second / max(o.world_size, 1)
     data = {
         "train": asdict(o.data.train_stats),
         "eval": asdict(o.data.eval_stats),
@@ -72,13 +76,17 @@ def build_metrics(o: TrainOutcome) -> dict:
         "epochs": round(o.epochs, 4),
         "train_runtime_s": round(o.runtime_s, 3),
         "train_tokens": train_tokens,
-        "train_tokens_per_s": round(train_tokens / o.runtime_s, 2) if o.runtime_s > 0 else None,
+        "train_tokens_per_s": round(per_second, 2) if o.runtime_s > 0 else None,
+        "tokens_per_s_per_device": round(per_device, 2) if o.runtime_s > 0 else None,
+        "world_size": o.world_size,
+        **utilisation(per_device, o.matmul_params, o.full_finetune, o.device),
         "peak_memory_mb": round(o.peak_memory_mb, 1),
         "peak_memory_kind": "cuda_allocated" if o.device != "cpu" else "cpu_rss",
         "device": o.device,
         "dtype": o.dtype,
         "quantization": None if quant is None else quant.describe(),
         "data": data,
+        "settings": o.settings,
         "versions": versions(),
         **o.extra,
     }
@@ -152,7 +160,15 @@ def render_report(metrics: dict, recipe, has_plot: bool, eval_result: dict | Non
         f"- {metrics['steps']} steps in {metrics['train_runtime_s']:.1f} s on {metrics['device']}; "
         f"{_fmt(metrics['train_tokens_per_s'], '.0f')} tokens/s ({metrics['train_tokens']:,} tokens, "
         f"{100 * data['padding_fraction']:.1f} % of the batch was padding)",
+        f"- compute: {metrics['tflops']:.2f} TFLOP/s per device"
+        + (
+            f", MFU {100 * metrics['mfu']:.1f} % of the {metrics['device_peak_tflops']:g} TFLOP/s bf16 peak"
+            if metrics.get("mfu") is not None
+            else " (no peak figure for this device, so no MFU)"
+        )
+        + f"; {metrics['world_size']} process(es)",
         f"- peak memory: {metrics['peak_memory_mb']:.0f} MiB ({metrics['peak_memory_kind']})",
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in metrics.get("settings", {}).items()),
         f"- data: {data['truncated']} truncated, {data['dropped']} dropped, {data['skipped']} bad rows skipped",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in metrics["versions"].items()),

@@ -23,10 +23,35 @@ def describe_recipe(recipe: Recipe) -> list[str]:
         )
     else:
         lines.append(f"base: {recipe.model.name} (hub id; not inspected offline)")
+    lines += fit_lines(recipe, config)
     t = recipe.training
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
     lines.append(
         f"training: {length}, {t.batch_size} x {t.gradient_accumulation} examples per step, lr {t.learning_rate:g}"
     )
     lines.append(f"output: {recipe.output.dir}")
+    return lines
+
+
+def fit_lines(recipe: Recipe, config: dict) -> list[str]:
+    """The peak GPU memory estimate, and a warning when it exceeds the GPU found on this machine."""
+    from peftcli.fit import estimate
+    from peftcli.hardware import detect_gpus
+
+    try:
+        guess = estimate(recipe, config)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return ["fit estimate: not available for this model's config"] if config else []
+    lines = [guess.describe()]
+    gpus = detect_gpus()
+    if gpus and guess.total_gib > gpus[0].memory_gib:
+        lines.append(
+            f"warning: the estimate exceeds this machine's {gpus[0].name} ({gpus[0].memory_gib:.0f} GiB): lower "
+            "training.batch_size or data.max_length, enable training.gradient_checkpointing, or quantize the base"
+        )
+    elif gpus:
+        lines.append(
+            f"fits the {gpus[0].name} ({gpus[0].memory_gib:.0f} GiB) with "
+            f"{gpus[0].memory_gib - guess.total_gib:.1f} GiB to spare"
+        )
     return lines

@@ -94,7 +94,10 @@ def show(tokenizer, data: PreparedData, rows: int, as_json: bool, recipe, out_co
         )
         out_console.print(render_example(tokenizer, item, marks))
     out_console.rule()
-    out_console.print(stats_table(data, recipe.training.batch_size, recipe.training.seed, recipe.data.packing))
+    from peftcli.training.settings import resolve
+
+    packing = resolve(recipe).packing
+    out_console.print(stats_table(data, recipe.training.batch_size, recipe.training.seed, packing))
     for name, stats in (("train", data.train_stats), ("eval", data.eval_stats)):
         for reason, origins in stats.skipped_reasons.items():
             out_console.print(f"skipped ({name}): {reason}: {', '.join(origins)}", markup=False)

@@ -25,7 +25,7 @@ class PrefixTuningSpec(MethodSpec):
     encoder_hidden_size: PositiveInt | None = Field(None, description="Hidden size of that MLP.")
 
     def check_with(self, recipe) -> None:
-        if recipe.training.gradient_checkpointing:
+        if recipe.training.gradient_checkpointing is True:
             raise ValueError("peft.method prefix_tuning does not work with training.gradient_checkpointing: true")
 
 

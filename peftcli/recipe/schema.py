@@ -35,11 +35,14 @@ class QuantizationSection(Strict):
     bits: Literal[4, 8] = Field(description="Load the base in 4 or 8 bits with bitsandbytes.")
     quant_type: Literal["nf4", "fp4"] | None = Field(None, description="4-bit data type (default nf4).")
     double_quant: bool | None = Field(None, description="Quantise the 4-bit scales too (default true).")
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] | None = Field(
+        None, description="How 4-bit weights are stored (default uint8); FSDP needs the compute dtype, e.g. bfloat16."
+    )
 
     @model_validator(mode="after")
     def _four_bit_keys(self) -> QuantizationSection:
         if self.bits == 8:
-            for key in ("quant_type", "double_quant"):
+            for key in ("quant_type", "double_quant", "storage_dtype"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key} applies to 4-bit only; remove it or set bits: 4")
         else:
@@ -88,7 +91,11 @@ class DataSection(Strict):
     chat_template: str = Field("auto", description="auto | chatml | llama3 | mistral | path to a .jinja file.")
     train_on: Literal["completions", "all", "last_turn"] = Field("completions", description="Which tokens carry loss.")
     max_length: PositiveInt = Field(1024, description="Tokens per example (or per packed row).")
-    packing: bool = Field(False, description="Pack several examples per row (no cross-attention).")
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Pack examples into padding-free rows (no cross-attention). auto = on a GPU with flash "
+        "attention, for methods that allow it.",
+    )
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="What to do with examples longer than max_length."
     )
@@ -110,7 +117,15 @@ class TrainingSection(Strict):
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
         "auto", description="auto = fused AdamW on CUDA, AdamW on CPU."
     )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Trade compute for activation memory (non-reentrant). auto = on a GPU, off on CPU."
+    )
+    liger: bool | Literal["auto"] = Field(
+        "auto",
+        description="Liger fused kernels (RMSNorm, SwiGLU, RoPE). auto = on a GPU when liger-kernel is installed.",
+    )
+    tf32: bool | Literal["auto"] = Field("auto", description="TF32 matmuls for fp32 work. auto = on Ampere+ GPUs.")
+    compile: bool = Field(False, description="torch.compile the model (slower start, faster steps on GPU).")
     seed: int = 42
     eval_steps: PositiveInt | None = Field(None, description="Compute the eval loss every N steps while training.")
     early_stopping_patience: PositiveInt | None = Field(
@@ -188,7 +203,7 @@ class Recipe(Strict):
             raise ValueError(
                 f"peft.method '{self.peft.method}' cannot train on a quantized base; remove the quantization section"
             )
-        if self.data.packing and not method.packing:
+        if self.data.packing is True and not method.packing:
             raise ValueError(
                 f"data.packing: peft.method '{self.peft.method}' adds virtual tokens that break the per-example "
                 "position ids packing relies on; set data.packing: false"

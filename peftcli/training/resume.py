@@ -15,6 +15,7 @@ import yaml
 
 from peftcli import console
 from peftcli.errors import UserError
+from peftcli.launch import is_main_process
 from peftcli.recipe import Recipe
 from peftcli.rundir import ADAPTER, MODEL, RECIPE
 from peftcli.training.checkpoints import missing_files, newest_complete
@@ -90,12 +91,14 @@ def plan_resume(recipe: Recipe, run_dir: Path, resume: str, force: bool) -> Path
             )
         return checkpoint
     checkpoint, notes = newest_complete(run_dir)
-    for note in notes:
+    quiet = not is_main_process()  # say it once in a multi-process run
+    for note in [] if quiet else notes:
         console.note(f"resume: {note}")
     if checkpoint is None:
         raise UserError(
             f"--resume: no complete checkpoint in {run_dir}",
             hint="the run stopped before its first save; --overwrite starts it over",
         )
-    console.note(f"resuming from {checkpoint.name}")
+    if not quiet:
+        console.note(f"resuming from {checkpoint.name}")
     return checkpoint

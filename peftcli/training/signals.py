@@ -49,7 +49,25 @@ class GracefulStop(TrainerCallback):
         return self.signum is not None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        requested = self.requested
+        if args.world_size > 1:
+            # Processes may see the signal at different steps; all must stop at the same one, or the
+            # others would wait forever in the next gradient all-reduce.
+            requested = _any_process(requested)
+        if requested:
             control.should_save = True
             control.should_training_stop = True
+            if self.signum is None:
+                self.signum = signal.SIGTERM  # another process was signalled
         return control
+
+
+def _any_process(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    from peftcli.modeling import local_device
+
+    value = torch.tensor([1.0 if flag else 0.0], device=local_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -7,6 +7,7 @@ before anything is written to `output.dir`.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import tempfile
 import time
@@ -15,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from peftcli import console as cli_console
-from peftcli import modeling, report
+from peftcli import hardware, modeling, report
 from peftcli.data import PreparedData, prepare_data
 from peftcli.errors import Interrupted, UserError
+from peftcli.launch import is_main_process
 from peftcli.methods import Method, MethodContext, method_of
 from peftcli.recipe import Recipe, recipe_to_yaml
 from peftcli.rundir import (
     RECIPE,
+    TMP_PREFIX,
     artifact_dir,
     atomic_dir,
     atomic_write_text,
@@ -29,6 +32,8 @@ from peftcli.rundir import (
     create_output_dir,
     replace_dir,
 )
+from peftcli.training.settings import Settings
+from peftcli.training.settings import resolve as resolve_settings
 from peftcli.training.tracking import BEST, BEST_INFO, EvalTracker, check_loggers, loggers
 from peftcli.training.trainer import TokenCounter, build_trainer
 
@@ -53,6 +58,10 @@ class TrainOutcome:
     dtype: str
     status: str = "completed"
     extra: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # what the `auto` performance settings became
+    matmul_params: int = 0  # for FLOPs per token (hardware.py)
+    full_finetune: bool = False
+    world_size: int = 1
     # The trained model, for callers that go on in the same process (tests compare it with reloads).
     model: Any = None
 
@@ -68,6 +77,7 @@ class Prepared:
     ctx: MethodContext
     dtype: Any
     scratch: tempfile.TemporaryDirectory
+    settings: Settings
 
 
 def planned_steps(recipe: Recipe, train_rows: int) -> int:
@@ -78,14 +88,22 @@ def planned_steps(recipe: Recipe, train_rows: int) -> int:
     return max(1, math.ceil(per_epoch * (t.epochs or 1.0)))
 
 
-def preflight(recipe: Recipe, overwrite: bool) -> None:
+def preflight(recipe: Recipe, overwrite: bool, check_output: bool = True) -> None:
     """Every check that needs no weights: the output folder, the model folder, the environment."""
     method = method_of(recipe.peft)
-    check_output_dir(Path(recipe.output.dir), overwrite)
+    if check_output:  # other processes of a multi-process run leave the folder to rank 0
+        check_output_dir(Path(recipe.output.dir), overwrite)
     modeling.check_model_source(recipe.model)
     modeling.check_remote_code(recipe.model)
     modeling.check_quantization(recipe.quantization)
     check_loggers(recipe.training.report_to)
+    if recipe.training.early_stopping_patience is not None and modeling.sharded_launch():
+        raise UserError(
+            "training.early_stopping_patience is not supported under FSDP/DeepSpeed yet",
+            hint="use DDP (no --accelerate-config), or drop the patience",
+        )
+    if recipe.training.liger is True and importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("training.liger: true needs liger-kernel", hint='pip install "peftcli[liger]" (GPU only)')
     config = modeling.read_config(recipe.model)
     context = config.get("max_position_embeddings")
     if context and recipe.data.max_length > context:
@@ -108,10 +126,11 @@ def prepare(recipe: Recipe) -> Prepared:
     method = method_of(recipe.peft)
     tokenizer = modeling.load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.training.seed)
+    settings = resolve_settings(recipe)
     set_seed(recipe.training.seed)
     dtype = modeling.compute_dtype(recipe.model.dtype)
-    model = modeling.load_model(recipe.model, recipe.quantization, dtype)
-    model = modeling.prepare_for_training(model, recipe.quantization, recipe.training.gradient_checkpointing)
+    model = modeling.load_model(recipe.model, recipe.quantization, dtype, attn=settings.attn_implementation)
+    model = modeling.prepare_for_training(model, recipe.quantization, settings.gradient_checkpointing)
     scratch = tempfile.TemporaryDirectory(prefix="peftcli-")
     ctx = MethodContext(
         model_config=model.config.to_dict(),
@@ -120,7 +139,7 @@ def prepare(recipe: Recipe) -> Prepared:
         scratch_dir=Path(scratch.name),
     )
     model = method.apply(recipe.peft, model, ctx)
-    return Prepared(tokenizer, data, model, method, ctx, dtype, scratch)
+    return Prepared(tokenizer, data, model, method, ctx, dtype, scratch, settings)
 
 
 def describe_packing(trainer, prepared: Prepared) -> str:
@@ -144,12 +163,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def out_of_memory_error(recipe: Recipe, step: int) -> UserError:
+def out_of_memory_error(recipe: Recipe, settings: Settings, step: int) -> UserError:
     t, quant = recipe.training, recipe.quantization
     knobs = [
         f"lower training.batch_size and raise training.gradient_accumulation (same effective batch of "
         f"{t.batch_size * t.gradient_accumulation})",
-        "set training.gradient_checkpointing: true" if not t.gradient_checkpointing else None,
+        "set training.gradient_checkpointing: true" if not settings.gradient_checkpointing else None,
         f"lower data.max_length ({recipe.data.max_length})",
         "quantize the base (quantization.bits: 4)" if quant is None else None,
     ]
@@ -170,68 +189,43 @@ def run_training(
     source: str | None = None,
 ) -> TrainOutcome:
     """Train as the recipe says. `resume` is "latest" or a checkpoint path; `force` accepts a changed
-    recipe; `source` is the recipe file as the user named it (for the resume hint)."""
-    import torch
+    recipe; `source` is the recipe file as the user named it (for the resume hint).
 
-    from peftcli.training.checkpoints import finished_training, load_final_checkpoint, remove_staging
+    Under a multi-process launch every process runs this; rank 0 alone writes the run directory."""
+    from peftcli.training.checkpoints import remove_staging
     from peftcli.training.progress import TrainingProgress
     from peftcli.training.resume import plan_resume
     from peftcli.training.signals import GracefulStop
 
-    out = Path(recipe.output.dir)
-    if resume:
-        checkpoint = plan_resume(recipe, out, resume, force)
-        preflight(recipe, overwrite=True)
-    else:
-        checkpoint = None
-        preflight(recipe, overwrite)
+    out, main = Path(recipe.output.dir), is_main_process()
+    checkpoint = plan_resume(recipe, out, resume, force) if resume else None
+    preflight(recipe, overwrite=overwrite or checkpoint is not None, check_output=main)
     prepared = prepare(recipe)
-    trainable, total = modeling.count_params(prepared.model)
 
     # The run directory is created only now: a recipe or data error leaves nothing behind.
-    if checkpoint is None:
-        create_output_dir(out, overwrite)
-    remove_staging(out)
-    if checkpoint is None or force:
-        atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
-    stop = GracefulStop()
+    if main:
+        if checkpoint is None:
+            create_output_dir(out, overwrite)
+        remove_staging(out)
+        if checkpoint is None or force:
+            atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
     t = recipe.training
+    stop = GracefulStop()
     tracker = EvalTracker(
         out,
         lambda model, folder: save_artifact(recipe, prepared, model, folder),
         t.early_stopping_patience,
         t.early_stopping_threshold,
     )
-    callbacks = [TrainingProgress(console), stop, tracker, *loggers(t.report_to, out)]
-    trainer = build_trainer(recipe, prepared, out, callbacks=callbacks)
-    _report_data(prepared, trainer, recipe)
+    progress = TrainingProgress(console)
+    trainer = build_trainer(recipe, prepared, out, callbacks=[progress, stop, tracker, *loggers(t.report_to, out)])
+    progress.token_counter = trainer.token_counter
+    if main:
+        _report_data(prepared, trainer, recipe)
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    with stop:
-        try:
-            if checkpoint is not None and finished_training(checkpoint):
-                cli_console.note(f"{checkpoint.name} is the last step: nothing left to train, writing the results")
-                load_final_checkpoint(trainer, checkpoint)
-            else:
-                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            outcome = _outcome(recipe, prepared, trainer, trainable, total, time.perf_counter() - started, None)
-            outcome.status = "out_of_memory"
-            report.write_run_report(outcome)
-            raise out_of_memory_error(recipe, trainer.state.global_step + 1) from None
-    runtime = time.perf_counter() - started
-
+    runtime = _train(trainer, stop, checkpoint, recipe, prepared)
     if stop.requested:
-        outcome = _outcome(recipe, prepared, trainer, trainable, total, runtime, None)
-        outcome.status = "interrupted"
-        report.write_run_report(outcome)
-        prepared.scratch.cleanup()
+        _finish(recipe, prepared, trainer, runtime, None, status="interrupted")
         raise Interrupted(
             stop.signum,
             f"stopped after step {trainer.state.global_step}; checkpoint-{trainer.state.global_step} saved in {out}",
@@ -242,16 +236,14 @@ def run_training(
     # stopping it is the best one evaluated (saved by the tracker when it was seen).
     final = artifact_dir(out, prepared.method)
     if t.early_stopping_patience is not None and (out / BEST).is_dir():
-        replace_dir(out / BEST, final)
-        (out / BEST_INFO).unlink(missing_ok=True)  # metrics.json carries best_step / best_eval_loss
+        if main:
+            replace_dir(out / BEST, final)
+            (out / BEST_INFO).unlink(missing_ok=True)  # metrics.json carries best_step / best_eval_loss
         eval_loss = tracker.best
     else:
-        with atomic_dir(final) as tmp:
-            save_artifact(recipe, prepared, trainer.model, tmp)
-        eval_loss = trainer.evaluate()["eval_loss"] if prepared.data.eval else None
-    prepared.scratch.cleanup()
-    outcome = _outcome(recipe, prepared, trainer, trainable, total, runtime, eval_loss)
-    outcome.extra = {
+        _save_final(recipe, prepared, trainer, final, main)
+        eval_loss = trainer.evaluate()["eval_loss"] if prepared.data.eval else None  # every rank takes part
+    extra = {
         "eval_history": [
             {"step": e["step"], "eval_loss": e["eval_loss"]}
             for e in trainer.state.log_history
@@ -260,18 +252,44 @@ def run_training(
         **tracker.summary(),
         "adapter_is": "best" if t.early_stopping_patience is not None else "final",
     }
-    report.write_run_report(outcome)
-    return outcome
+    return _finish(recipe, prepared, trainer, runtime, eval_loss, extra=extra)
 
 
-def save_artifact(recipe: Recipe, prepared: Prepared, model, folder: Path) -> None:
-    """The method's artifact (adapter, or full model) and the tokenizer with its chat template."""
-    prepared.method.save(recipe.peft, model, folder, prepared.ctx)
-    prepared.tokenizer.save_pretrained(folder)
+def _train(trainer, stop, checkpoint: Path | None, recipe: Recipe, prepared: Prepared) -> float:
+    """Run the training loop (or finish a last-step checkpoint); an OOM becomes a user error."""
+    import torch
+
+    from peftcli.training.checkpoints import finished_training, load_final_checkpoint
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with stop:
+        try:
+            if checkpoint is not None and finished_training(checkpoint):
+                if is_main_process():
+                    cli_console.note(f"{checkpoint.name} is the last step: nothing left to train, writing the results")
+                load_final_checkpoint(trainer, checkpoint)
+            else:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            _finish(recipe, prepared, trainer, time.perf_counter() - started, None, status="out_of_memory")
+            raise out_of_memory_error(recipe, prepared.settings, trainer.state.global_step + 1) from None
+    return time.perf_counter() - started
 
 
-def _outcome(recipe, prepared: Prepared, trainer, trainable, total, runtime, eval_loss) -> TrainOutcome:
-    return TrainOutcome(
+def _finish(recipe, prepared: Prepared, trainer, runtime, eval_loss, status="completed", extra=None) -> TrainOutcome:
+    """Aggregate across processes, write metrics.json and report.md (rank 0), clean up."""
+    tokens = trainer.token_counter
+    peak = report.peak_memory_mb()
+    trainable, total = modeling.count_params(prepared.model)
+    if trainer.args.world_size > 1:
+        tokens, peak = _aggregate(tokens, peak)
+    outcome = TrainOutcome(
         recipe=recipe,
         run_dir=Path(recipe.output.dir),
         data=prepared.data,
@@ -281,13 +299,55 @@ def _outcome(recipe, prepared: Prepared, trainer, trainable, total, runtime, eva
         runtime_s=runtime,
         steps=trainer.state.global_step,
         epochs=float(trainer.state.epoch or 0.0),
-        tokens=trainer.token_counter,
+        tokens=tokens,
         eval_loss=eval_loss,
-        peak_memory_mb=report.peak_memory_mb(),
+        peak_memory_mb=peak,
         device=modeling.device_name(),
         dtype=str(prepared.dtype).removeprefix("torch."),
+        status=status,
+        extra=extra or {},
         model=trainer.model,
+        settings=prepared.settings.as_dict(),
+        matmul_params=hardware.matmul_params(trainer.model),
+        full_finetune=prepared.method.saves_full_model,
+        world_size=trainer.args.world_size,
     )
+    if is_main_process():
+        report.write_run_report(outcome)
+    prepared.scratch.cleanup()
+    return outcome
+
+
+def _aggregate(tokens: TokenCounter, peak_mb: float) -> tuple[TokenCounter, float]:
+    """Sum token counts and take the largest peak memory over all processes."""
+    import torch
+    import torch.distributed as dist
+
+    device = modeling.local_device()
+    counts = torch.tensor([tokens.real, tokens.padded], dtype=torch.float64, device=device)
+    peak = torch.tensor([peak_mb], dtype=torch.float64, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return TokenCounter(int(counts[0]), int(counts[1])), float(peak[0])
+
+
+def save_artifact(recipe: Recipe, prepared: Prepared, model, folder: Path) -> None:
+    """The method's artifact (adapter, or full model) and the tokenizer with its chat template."""
+    prepared.method.save(recipe.peft, model, folder, prepared.ctx)
+    prepared.tokenizer.save_pretrained(folder)
+
+
+def _save_final(recipe: Recipe, prepared: Prepared, trainer, final: Path, main: bool) -> None:
+    if modeling.sharded_launch():
+        # FSDP/ZeRO-3 shard the weights: every process takes part while the trainer gathers them.
+        staging = final.with_name(f"{TMP_PREFIX}{final.name}-gathered")
+        trainer.save_model(str(staging))
+        if main:
+            prepared.tokenizer.save_pretrained(staging)
+            replace_dir(staging, final)
+    elif main:
+        with atomic_dir(final) as tmp:
+            save_artifact(recipe, prepared, trainer.model, tmp)
 
 
 def _report_data(prepared: Prepared, trainer, recipe: Recipe) -> None:
@@ -301,5 +361,5 @@ def _report_data(prepared: Prepared, trainer, recipe: Recipe) -> None:
                 f"data.{name}: {stats.truncated} examples truncated, {stats.dropped} dropped "
                 f"(longer than data.max_length {recipe.data.max_length}, data.overlong: {recipe.data.overlong})"
             )
-    if recipe.data.packing:
+    if prepared.settings.packing:
         cli_console.note(describe_packing(trainer, prepared))

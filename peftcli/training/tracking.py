@@ -53,11 +53,11 @@ class EvalTracker(TrainerCallback):
         improved = self._update(state.global_step, loss)
         if self.patience is None:
             return control
-        if improved and model is not None:
+        if improved and model is not None and state.is_world_process_zero:
             with atomic_dir(self.run_dir / BEST) as tmp:
                 self.save(model, tmp)
             atomic_write_json(self.run_dir / BEST_INFO, {"step": self.best_step, "eval_loss": self.best})
-        elif self.bad_evals >= self.patience:
+        if not improved and self.bad_evals >= self.patience:
             self.stopped_early = True
             control.should_training_stop = True
         return control

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from peftcli.recipe import Recipe
 
 if TYPE_CHECKING:
+    from peftcli.training.settings import Settings
     from peftcli.training.stage import Prepared
 
 
@@ -43,11 +44,12 @@ class TokenCounter:
         return self.padded / total if total else 0.0
 
 
-def sft_config(recipe: Recipe, out: Path, dtype):
+def sft_config(recipe: Recipe, out: Path, dtype, settings: Settings):
     import torch
     from trl import SFTConfig
 
     t = recipe.training
+    cuda = torch.cuda.is_available()
     return SFTConfig(
         output_dir=str(out),
         max_steps=t.max_steps or -1,
@@ -65,9 +67,12 @@ def sft_config(recipe: Recipe, out: Path, dtype):
         data_seed=t.seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=settings.gradient_checkpointing,
         # Non-reentrant checkpoints work with frozen inputs (PEFT) and are the supported, faster path.
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        use_liger_kernel=settings.liger,
+        tf32=settings.tf32 if cuda else None,
+        torch_compile=settings.compile,
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -76,9 +81,11 @@ def sft_config(recipe: Recipe, out: Path, dtype):
         eval_steps=t.eval_steps,
         report_to="none",
         disable_tqdm=True,  # our own progress bar (progress.py)
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not cuda,
         max_length=recipe.data.max_length,
-        packing=recipe.data.packing,
+        packing=settings.packing,
+        # DDP: PEFT leaves most parameters frozen, so no unused-parameter search is needed.
+        ddp_find_unused_parameters=False,
         trust_remote_code=recipe.model.trust_remote_code,
     )
 
@@ -133,7 +140,7 @@ def build_trainer(recipe: Recipe, prepared: Prepared, out: Path, callbacks: list
     Trainer.fused_loss = method.fused_loss
     trainer = Trainer(
         model=model,
-        args=sft_config(recipe, out, prepared.dtype),
+        args=sft_config(recipe, out, prepared.dtype, prepared.settings),
         train_dataset=as_dataset(prepared.data.train),
         eval_dataset=as_dataset(prepared.data.eval) if prepared.data.eval else None,
         processing_class=prepared.tokenizer,

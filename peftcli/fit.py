@@ -1,0 +1,159 @@
+"""Will it fit? An estimate of peak GPU memory for a recipe, from config.json alone (no torch).
+
+peak = weights + trainable state + activations, for a dense decoder-only transformer:
+
+- weights: every parameter in the compute dtype; with `quantization`, the linear layers of the
+  decoder at 4 bits (+ the block scales: 1/16 byte per weight, or ~1/64 with double quant) or 8 bits,
+  the embeddings, head and norms still in the compute dtype (bitsandbytes leaves them);
+- trainable state: PEFT parameters in fp32 with their gradient and two AdamW moments (16 B each);
+  a full fine-tune keeps bf16 gradients and fp32 moments beside its weights (10 B per parameter);
+- activations, per token of a micro-batch (batch_size x max_length), in the compute dtype: the
+  inputs each layer saves for backward (norm in/out, q/k/v, attention output, the MLP's gate, up,
+  activation and product); with gradient checkpointing only each layer's input plus one layer
+  being recomputed. Logits are not counted: TRL's fused LM head never materialises them.
+
+It ignores the CUDA context and allocator fragmentation (`peak_memory_mb` measures tensors too).
+The bench prints estimate vs measured; the aim is within 25 %.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    vocab: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> Shape:
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        return cls(
+            hidden=hidden,
+            layers=config["num_hidden_layers"],
+            vocab=config["vocab_size"],
+            intermediate=config.get("intermediate_size", 4 * hidden),
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or hidden // heads,
+            tied=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder block, by module name."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    def other_params(self) -> int:
+        """Embeddings, output head and norms: kept in the compute dtype when quantized."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+    def activations_per_token_layer(self) -> int:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 4 * self.hidden + 2 * q + 2 * kv + 4 * self.intermediate
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights_gib: float
+    trainable_gib: float
+    activations_gib: float
+    trainable_params: int
+    total_params: int
+    tokens_per_micro_batch: int
+    checkpointing: bool
+    dtype: str
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.trainable_gib + self.activations_gib
+
+    def describe(self) -> str:
+        return (
+            f"fit estimate (GPU, {self.dtype}, {self.tokens_per_micro_batch:,} tokens per micro-batch, "
+            f"gradient checkpointing {'on' if self.checkpointing else 'off'}): weights {self.weights_gib:.2f} GiB"
+            f" + trainable {self.trainable_gib:.2f} GiB + activations {self.activations_gib:.2f} GiB = "
+            f"{self.total_gib:.2f} GiB peak"
+        )
+
+
+def trainable_params(peft, shape: Shape) -> int:
+    """Trainable parameters of the method (exact for the LoRA family, full and freeze; close for the rest)."""
+    linears = shape.linears()
+    method = peft.method
+    if method == "full":
+        return shape.linear_params() + shape.other_params()
+    if method == "freeze":
+        per_layer = sum(a * b for a, b in linears.values()) + 2 * shape.hidden
+        return per_layer * peft.layers + (shape.vocab * shape.hidden if peft.train_head else 0)
+    if method in ("prompt_tuning", "p_tuning"):
+        return peft.num_virtual_tokens * shape.hidden
+    if method == "prefix_tuning":
+        return peft.num_virtual_tokens * 2 * shape.layers * shape.kv_heads * shape.head_dim
+    if method == "adaption_prompt":
+        return (peft.adapter_layers or shape.layers) * (peft.adapter_len * shape.hidden + 1)
+    if method == "ln_tuning":
+        return (2 * shape.layers + 1) * shape.hidden
+    targets = getattr(peft, "target_modules", "all-linear")
+    chosen = linears if targets == "all-linear" else {k: v for k, v in linears.items() if k in targets}
+    if method == "ia3":
+        return shape.layers * sum(a if name == "down_proj" else b for name, (a, b) in chosen.items())
+    rank = getattr(peft, "r", None) or getattr(peft, "init_r", 8)
+    if method == "vera":
+        return shape.layers * sum(b + rank for _, b in chosen.values())
+    per_module = {name: rank * (a + b) for name, (a, b) in chosen.items()}
+    extra = sum(b for _, b in chosen.values()) if getattr(peft, "use_dora", False) else 0  # DoRA magnitudes
+    return shape.layers * (sum(per_module.values()) + extra)
+
+
+def estimate(recipe, config: dict, checkpointing: bool | None = None) -> Estimate:
+    shape = Shape.from_config(config)
+    dtype = "bfloat16" if recipe.model.dtype == "auto" else recipe.model.dtype
+    width = BYTES[dtype]
+    quant = recipe.quantization
+    linear, other = shape.linear_params(), shape.other_params()
+    if quant is None:
+        weights = (linear + other) * width
+    else:
+        per_weight = 1.0 if quant.bits == 8 else 0.5 + (1 / 64 if quant.double_quant else 1 / 16)
+        weights = linear * per_weight + other * width
+    trainable = trainable_params(recipe.peft, shape)
+    full = recipe.peft.method in ("full", "freeze")
+    state = trainable * (10 if full else 16)
+    if checkpointing is None:
+        setting = recipe.training.gradient_checkpointing
+        checkpointing = setting if isinstance(setting, bool) else recipe.peft.method != "prefix_tuning"
+    tokens = recipe.training.batch_size * recipe.data.max_length
+    per_layer = shape.activations_per_token_layer()
+    stored = (shape.layers * shape.hidden + per_layer) if checkpointing else shape.layers * per_layer
+    return Estimate(
+        weights / GIB,
+        state / GIB,
+        tokens * stored * width / GIB,
+        trainable,
+        linear + other,
+        tokens,
+        checkpointing,
+        dtype,
+    )

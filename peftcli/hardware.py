@@ -1,0 +1,94 @@
+"""What the machine can do: the GPU (found without importing torch, for `validate`), its bf16 peak,
+and the model FLOPs utilisation (MFU) a run achieved.
+
+FLOPs per trained token follow the usual convention: 6N for a full fine-tune (forward 2N, backward
+4N) and 4N for PEFT methods (the frozen base still back-propagates activations, 2N, but computes no
+weight gradients), with N the parameters that take part in matrix multiplies (everything but the
+input embedding). Attention's own FLOPs are left out, as in most published MFU figures.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets. Matched by
+# substring against the CUDA device name, most specific first. T4/V100 have no bf16: fp16 figures.
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_gib: float
+
+
+def detect_gpus() -> list[Gpu]:
+    """The machine's NVIDIA GPUs via nvidia-smi (no torch import, so `validate` stays instant)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        name, _, memory = line.rpartition(",")
+        try:
+            gpus.append(Gpu(name.strip(), float(memory) / 1024))
+        except ValueError:
+            continue
+    return gpus
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matrix multiplies: all but the input embedding (unless tied)."""
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embeddings is not None and (head is None or head.weight is not embeddings.weight):
+        total -= embeddings.weight.numel()
+    return total
+
+
+def utilisation(tokens_per_s_per_device: float, n_params: int, full_finetune: bool, device: str) -> dict:
+    """Achieved TFLOP/s per device and MFU against the device's bf16 peak (None when unknown)."""
+    flops_per_token = (6 if full_finetune else 4) * n_params
+    tflops = tokens_per_s_per_device * flops_per_token / 1e12
+    peak = peak_tflops(device) if device != "cpu" else None
+    return {
+        "tflops": round(tflops, 3),
+        "mfu": round(tflops / peak, 4) if peak else None,
+        "device_peak_tflops": peak,
+        "flops_per_token": flops_per_token,
+    }
