@@ -17,6 +17,7 @@ help:
 	@echo "make test      the CPU test suite (offline, < 10 min)"
 	@echo "make test-gpu  tests marked gpu (needs CUDA)"
 	@echo "make lint      ruff check + format check"
+	@echo "make bench     peftcli vs the plain TRL script on CPU (see README: Performance)"
 	@echo "make clean     remove runs, models and the virtual environment"
 
 $(STAMP): pyproject.toml
@@ -47,6 +48,9 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py --config cpu --ablate
 
 lint: $(STAMP)
 	$(BIN)/ruff check peftcli tests scripts

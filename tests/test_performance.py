@@ -1,0 +1,237 @@
+"""Performance and scale: instant front-end commands, the fit estimate, the auto settings, MFU in
+metrics, the multi-process launcher, and DDP on CPU matching a single process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, base_recipe, read_json, write_recipe
+
+from peftcli.recipe import load_recipe
+
+LLAMA_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+QWEN_05B = {
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.mark.parametrize("command", [["--help"], ["validate", "{recipe}"], ["methods"]])
+def test_front_end_commands_never_import_torch(command, tmp_path, tiny_model):
+    recipe = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run"))
+    argv = [a.format(recipe=recipe) for a in command]
+    code = (
+        "import sys; from peftcli.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "sys.exit(3 if 'torch' in sys.modules else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, (result.returncode, result.stderr[-500:])
+
+
+def test_help_returns_in_under_half_a_second():
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "peftcli", "--help"], capture_output=True, check=True)
+        times.append(time.perf_counter() - started)
+    assert min(times) < 0.5, times
+
+
+def _meta_model(config: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+
+
+@pytest.mark.parametrize("config", [LLAMA_8B, QWEN_05B], ids=["llama-8b", "qwen2.5-0.5b"])
+def test_fit_estimate_counts_parameters_like_the_real_model(config, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from peftcli.fit import Shape, trainable_params
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "r.yaml",
+            {
+                "model": {"name": str(tmp_path / "m")},
+                "data": {"train": "x.jsonl"},
+                "peft": {"method": "lora", "r": 16, "target_modules": "all-linear"},
+            },
+        )
+    )
+    shape = Shape.from_config(config)
+    model = _meta_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    bias = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))  # qwen2's q/k/v biases
+    assert shape.linear_params() + shape.other_params() == total - bias
+    peft_model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert trainable_params(recipe.peft, shape) == peft_model.get_nb_trainable_parameters()[0]
+
+
+def test_fit_estimate_for_8b_qlora_and_validate_prints_it(tmp_path, cli):
+    from peftcli.fit import estimate
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(LLAMA_8B))
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "model": {"name": str(tmp_path / "m")},
+            "quantization": {"bits": 4},
+            "data": {"train": "x.jsonl", "max_length": 2048},
+            "peft": {"method": "lora", "r": 16},
+            "training": {"batch_size": 1, "gradient_checkpointing": True},
+        },
+    )
+    guess = estimate(load_recipe(path), LLAMA_8B)
+    # 7.0B linear weights at ~0.52 byte + 1.05B embedding/head at 2 bytes
+    assert 5.0 < guess.weights_gib < 5.6 and guess.trainable_params == 41_943_040
+    assert guess.total_gib < 12  # the QLoRA-8B-at-batch-1 target
+    full = estimate(load_recipe(path), LLAMA_8B, checkpointing=False)
+    assert full.activations_gib > 10 * guess.activations_gib  # checkpointing is what makes it fit
+    result = cli("validate", path)
+    assert result.code == 0 and "fit estimate (GPU" in result.err and "GiB peak" in result.err
+
+
+def test_auto_settings_are_fast_on_a_gpu_and_plain_on_cpu(tmp_path, tiny_model, monkeypatch):
+    from peftcli.training import settings
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run")))
+    cpu = settings.resolve(recipe, cuda=False)
+    assert (cpu.packing, cpu.gradient_checkpointing, cpu.liger, cpu.tf32, cpu.attn_implementation) == (
+        False,
+        False,
+        False,
+        False,
+        None,
+    )
+    monkeypatch.setattr(settings, "_installed", lambda name: True)  # flash-attn and liger-kernel present
+    gpu = settings.resolve(recipe, cuda=True, capability=(9, 0))
+    assert gpu.attn_implementation == "flash_attention_2" and gpu.packing and gpu.gradient_checkpointing
+    assert gpu.liger and gpu.tf32 and not gpu.compile
+    monkeypatch.setattr(settings, "_installed", lambda name: False)
+    plain = settings.resolve(recipe, cuda=True, capability=(7, 5))
+    assert plain.attn_implementation == "sdpa" and not plain.packing and not plain.tf32 and not plain.liger
+    prefix = recipe.model_copy(
+        update={
+            "peft": load_recipe(
+                write_recipe(
+                    tmp_path / "p.yaml",
+                    {**base_recipe(tiny_model, tmp_path / "run"), "peft": {"method": "prefix_tuning"}},
+                )
+            ).peft
+        }
+    )
+    assert not settings.resolve(prefix, cuda=True, capability=(9, 0)).gradient_checkpointing
+    explicit = recipe.model_copy(
+        update={"training": recipe.training.model_copy(update={"gradient_checkpointing": True, "liger": False})}
+    )
+    chosen = settings.resolve(explicit, cuda=False)
+    assert chosen.gradient_checkpointing and not chosen.liger
+
+
+def test_metrics_carry_throughput_and_utilisation(tmp_path, tiny_model):
+    from peftcli.hardware import peak_tflops
+    from peftcli.training import run_training
+
+    outcome = run_training(
+        load_recipe(
+            write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 3}))
+        )
+    )
+    metrics = read_json(outcome.run_dir / "metrics.json")
+    assert metrics["tokens_per_s_per_device"] == metrics["train_tokens_per_s"]  # one process
+    expected = metrics["tokens_per_s_per_device"] * metrics["flops_per_token"] / 1e12
+    assert metrics["tflops"] == pytest.approx(expected, abs=1e-3)
+    assert metrics["mfu"] is None and metrics["device_peak_tflops"] is None  # no peak figure for a CPU
+    assert metrics["settings"]["packing"] is False
+    assert "TFLOP/s per device" in (outcome.run_dir / "report.md").read_text()
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops("Some Future GPU") is None
+
+
+def test_launcher_commands():
+    from peftcli.errors import UserError
+    from peftcli.launch import launcher_command
+
+    cpu = launcher_command(["train", "r.yaml"], 2, None, gpus=0)
+    assert cpu[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert cpu[-3:] == ["peftcli", "train", "r.yaml"]
+    gpu = launcher_command(["train", "r.yaml"], 4, None, gpus=8)
+    assert "accelerate.commands.launch" in gpu and "--multi_gpu" in gpu and gpu[gpu.index("--num_processes") + 1] == "4"
+    fsdp = launcher_command(["train", "r.yaml"], 2, Path("recipes/accelerate/fsdp.yaml"), gpus=2)
+    assert fsdp[fsdp.index("--config_file") + 1] == "recipes/accelerate/fsdp.yaml"
+    with pytest.raises(UserError, match="2 GPU"):
+        launcher_command(["train", "r.yaml"], 4, None, gpus=2)
+
+
+def test_accelerate_configs_are_valid_yaml():
+    import yaml
+
+    for path in sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        assert config["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED"), path
+
+
+def test_ddp_on_cpu_matches_a_single_process(tmp_path, tiny_model, cli):
+    """Two gloo processes with batch 8 each = one process with batch 16: same losses, one adapter."""
+    single = write_recipe(
+        tmp_path / "single.yaml",
+        base_recipe(tiny_model, tmp_path / "single", training={"max_steps": 8, "batch_size": 16}),
+    )
+    assert cli("train", single).code == 0
+    ddp = write_recipe(
+        tmp_path / "ddp.yaml", base_recipe(tiny_model, tmp_path / "ddp", training={"max_steps": 8, "batch_size": 8})
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "peftcli", "train", str(ddp), "--num-processes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run written to") == 1  # rank 0 alone reports and writes
+    run = tmp_path / "ddp"
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    assert len(list(run.glob("adapter*"))) == 1 and not list(run.glob(".tmp-*"))
+    a, b = read_json(run / "metrics.json"), read_json(tmp_path / "single" / "metrics.json")
+    assert a["world_size"] == 2 and b["world_size"] == 1
+    assert a["train_tokens"] == b["train_tokens"]  # aggregated over both processes
+    for x, y in zip(a["loss_history"], b["loss_history"], strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-3)
+
+
+def test_bench_data_spreads_like_chat(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.synthetic_rows(400, max_length=512)
+    lengths = sorted(len(r["messages"][1]["content"].split()) for r in rows)
+    assert lengths[len(lengths) // 2] < 200 and lengths[-1] > 2 * lengths[len(lengths) // 2]  # long tail
