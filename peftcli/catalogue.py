@@ -41,7 +41,7 @@ def trainable_share(model_path: str) -> dict[str, str]:
         raise UserError(f"--model {model_path}: cannot read a model config ({exc.__class__.__name__})") from None
     shares: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        ctx = MethodContext(config.to_dict(), model_path, total_steps=1000, scratch_dir=Path(scratch))
+        ctx = MethodContext(model_path, total_steps=1000, scratch_dir=Path(scratch))
         for name, method in REGISTRY.items():
             if method.model_types is not None and config.model_type not in method.model_types:
                 shares[name] = f"n/a ({config.model_type})"

@@ -55,6 +55,17 @@ class Session:
 
         runs = [(name, open_run(path)) for name, path in adapters]
         recipes = [run.recipe() for _, run in runs]
+        if len({r.model.name for r in recipes}) > 1 and not base:
+            listed = ", ".join(f"{name}: {r.model.name}" for (name, _), r in zip(runs, recipes))
+            raise UserError(
+                f"the adapters were trained on different bases ({listed})",
+                hint="give --base, and only adapters trained on it",
+            )
+        if len({r.peft.method for r in recipes}) > 1 and any(r.peft.method not in ("lora", "dora") for r in recipes):
+            raise UserError(
+                "these adapters use different methods, which PEFT cannot attach to one base together",
+                hint="run one `peftcli generate` per method",
+            )
         for (name, _), recipe in zip(runs, recipes):
             if recipe.peft.method in ("full", "freeze"):
                 raise UserError(
@@ -65,6 +76,8 @@ class Session:
         if len({(r.quantization.describe() if r.quantization else None) for r in recipes}) > 1:
             quantization = None  # adapters trained on differently quantized bases: use full precision
         first = recipes[0].model if recipes else None
+        # --base is typed on the command line: a path relative to the current directory, or a hub id.
+        base = str(Path(base).resolve()) if base and Path(base).exists() else base
         model_section = ModelSection(name=base) if base else first
         if model_section is None:
             raise UserError("give --base MODEL, or at least one --adapter NAME=RUN")

@@ -15,6 +15,8 @@ from pathlib import Path
 import typer
 
 from peftcli import console
+from peftcli.cli_explore import explore
+from peftcli.cli_options import RecipeArg, SetOpt, load
 from peftcli.errors import EXIT_BUG, EXIT_USER, ReportedError, UserError
 
 app = typer.Typer(
@@ -27,19 +29,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
-SetOpt = typer.Option(
-    [],
-    "--set",
-    help="Override a recipe key before validation, e.g. --set training.learning_rate=1e-4 (repeatable).",
-    metavar="KEY=VALUE",
-)
-
-
-def _load(recipe: Path, overrides: list[str]):
-    from peftcli.recipe import load_recipe
-
-    return load_recipe(recipe, overrides)
+app.add_typer(explore)  # methods, compare, data preview, generate, init, schema (cli_explore.py)
 
 
 @app.command()
@@ -48,10 +38,12 @@ def validate(recipe: Path = RecipeArg, set_: list[str] = SetOpt) -> None:
 
     [dim]Example: peftcli validate recipes/demo.yaml --set peft.r=16[/]
     """
+    from peftcli.preflight import check_environment
     from peftcli.recipe import recipe_to_yaml
     from peftcli.summary import describe_recipe
 
-    resolved = _load(recipe, set_)
+    resolved = load(recipe, set_)
+    check_environment(resolved, deep=False)  # the model folder, tokenizer, context length, ...: no torch
     console.out.print(recipe_to_yaml(resolved), markup=False)
     for line in describe_recipe(resolved):
         console.err.print(line, markup=False)
@@ -86,7 +78,7 @@ def train(
         raise UserError("--resume and --overwrite contradict each other; choose one")
     if force and not resume:
         raise UserError("--force only applies with --resume")
-    resolved = _load(recipe, set_)
+    resolved = load(recipe, set_)
     from peftcli import launch
 
     if num_processes > 1 and launch.world_size() == 1:
@@ -210,159 +202,6 @@ def merge(
     )
 
 
-@app.command()
-def compare(
-    recipe: Path = RecipeArg,
-    methods_: str = typer.Option(
-        ..., "--methods", help="Comma-separated methods, e.g. lora,dora,ia3,prompt_tuning.", show_default=False
-    ),
-    set_: list[str] = SetOpt,
-    out: Path = typer.Option(
-        None, "--out", help="Folder for the runs and the comparison (default: <output.dir>-compare)."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing comparison folder."),
-) -> None:
-    """Train the same recipe once per method and compare params, size, memory, speed and loss.
-
-    [dim]Example: peftcli compare recipes/demo.yaml --methods lora,dora,ia3,prompt_tuning[/]
-    """
-    from peftcli.compare import parse_methods, run_compare
-
-    names = parse_methods(methods_)
-    resolved = _load(recipe, set_)
-    target = out.resolve() if out else Path(f"{resolved.output.dir}-compare")
-    run_compare(resolved, names, target, overwrite=overwrite)
-
-
-@app.command("generate")
-def generate_text(
-    adapter: list[str] = typer.Option(
-        [], "--adapter", help="NAME=RUN: attach a run's adapter (repeatable).", metavar="NAME=RUN"
-    ),
-    base: str = typer.Option(None, "--base", help="Base model (default: the first adapter's base)."),
-    prompt: str = typer.Option(None, "--prompt", help="One prompt, answered by every adapter in turn."),
-    prompts: Path = typer.Option(None, "--prompts", help="File: a prompt per line (or JSON {prompt, adapter})."),
-    interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat; /adapter NAME, /base switch."),
-    system: str = typer.Option(None, "--system", help="System message for chat templates."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", min=0, help="0 = greedy."),
-) -> None:
-    """Generate with a base model and several adapters, switching per prompt without reloading.
-
-    [dim]Example: peftcli generate --adapter demo=runs/demo --prompt "What comes after Monday?"[/]
-    """
-    from peftcli.chat import Session, parse_adapters, read_prompts, run_prompts
-    from peftcli.chat import interactive as chat_loop
-
-    chosen = sum(x is not None and x is not False for x in (prompt, prompts, interactive or None))
-    if chosen != 1:
-        raise UserError("give exactly one of --prompt TEXT, --prompts FILE or --interactive")
-    session = Session(base, parse_adapters(adapter))
-    options = {"max_new_tokens": max_new_tokens, "temperature": temperature}
-    names = list(session.adapters)
-    if interactive:
-        chat_loop(session, system, **options)
-    elif prompts is not None:
-        run_prompts(session, read_prompts(prompts, names), system, **options)
-    else:
-        run_prompts(session, [(prompt, n) for n in names or [None]], system, **options)
-
-
-@app.command()
-def init(
-    method: str = typer.Option("lora", "--method", help="PEFT method (see `peftcli methods`)."),
-    model: str = typer.Option("Qwen/Qwen2.5-0.5B-Instruct", "--model", help="Base model folder or hub id."),
-    data: str = typer.Option("data/train.jsonl", "--data", help="Training data (file, folder, glob or hub id)."),
-    out: Path = typer.Option(Path("recipe.yaml"), "--out", help="Where to write it ('-' prints it)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
-) -> None:
-    """Write a commented starter recipe that validates as written.
-
-    [dim]Example: peftcli init --method dora --model ./models/tiny --out my-recipe.yaml[/]
-    """
-    from peftcli.methods import REGISTRY
-    from peftcli.starter import starter
-
-    if method not in REGISTRY:
-        raise UserError(f"--method {method!r}: unknown method", hint=f"methods: {', '.join(REGISTRY)}")
-    name = "run" if str(out) == "-" else out.stem
-    text = starter(method, model, data, name)
-    if str(out) == "-":
-        console.out.print(text, markup=False, end="")
-        return
-    if out.exists() and not force:
-        raise UserError(f"--out {out} already exists", hint="choose another name, or add --force")
-    from peftcli.rundir import atomic_write_text
-
-    atomic_write_text(out, text)
-    console.out.print(f"wrote {out}; next: peftcli validate {out}")
-
-
-@app.command()
-def schema(out: Path = typer.Option(None, "--out", help="Write to this file instead of printing.")) -> None:
-    """Print the recipe's JSON Schema (for editor completion and checks of recipe files).
-
-    [dim]Example: peftcli schema --out peftcli.schema.json[/]
-    """
-    import json
-
-    from peftcli.recipe import Recipe
-
-    text = json.dumps(Recipe.model_json_schema(), indent=2) + "\n"
-    if out is None:
-        console.out.print(text, markup=False, end="")
-    else:
-        from peftcli.rundir import atomic_write_text
-
-        atomic_write_text(out, text)
-        console.out.print(f"wrote {out}")
-
-
-data_app = typer.Typer(help="Inspect the data a recipe trains on.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-
-
-@data_app.command("preview")
-def data_preview(
-    recipe: Path = RecipeArg,
-    set_: list[str] = SetOpt,
-    rows: int = typer.Option(3, "--rows", "-n", min=0, help="How many training examples to show."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per example: text, input_ids, labels."),
-) -> None:
-    """Show training examples exactly as the model sees them (trained tokens highlighted) + data stats.
-
-    [dim]Example: peftcli data preview recipes/demo.yaml --rows 2[/]
-    """
-    resolved = _load(recipe, set_)
-    from peftcli import modeling
-    from peftcli.data import prepare_data
-    from peftcli.data.preview import show
-
-    modeling.check_model_source(resolved.model)
-    modeling.quiet_libraries()
-    tokenizer = modeling.load_tokenizer(resolved.model)
-    data = prepare_data(resolved.data, tokenizer, resolved.training.seed)
-    show(tokenizer, data, rows, as_json, resolved, console.out)
-
-
-@app.command()
-def methods(
-    model: str = typer.Option(None, "--model", help="Model folder (or hub id): show each method's trainable share."),
-    markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (as in the README)."),
-) -> None:
-    """List every PEFT method: its keys and defaults, mergeable or not, quantized base or not.
-
-    [dim]Example: peftcli methods --model models/tiny[/]
-    """
-    from peftcli import catalogue
-
-    table = catalogue.rows(model)
-    if markdown:
-        console.out.print(catalogue.markdown(table), markup=False)
-    else:
-        catalogue.print_table(table, console.out)
-
-
 def _debug() -> bool:
     return os.environ.get("PEFTCLI_DEBUG", "") not in ("", "0")
 
@@ -377,13 +216,13 @@ def _print_error(message: str, hint: str | None, label: str = "error") -> None:
 
 def _resume_flag(argv: list[str]) -> list[str]:
     """`--resume` may stand alone (= the newest checkpoint) or take a checkpoint folder. Click options
-    always take a value, so a bare `--resume` (last, or followed by an option or by a file such as
-    the recipe) is rewritten to `--resume=latest`."""
+    always take a value, so a bare `--resume` (last, or followed by an option or by the recipe file)
+    is rewritten to `--resume=latest`; anything else after it is the checkpoint (checked later)."""
     out = list(argv)
     for i, arg in enumerate(out):
         if arg == "--resume":
             following = out[i + 1] if i + 1 < len(out) else None
-            if following is None or following.startswith("-") or not Path(following).is_dir():
+            if following is None or following.startswith("-") or following.endswith((".yaml", ".yml")):
                 out[i] = "--resume=latest"
     return out
 
@@ -404,7 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     except ReportedError as exc:
         if _debug():
             raise
-        _print_error(exc.message, exc.hint, exc.label)
+        from peftcli.launch import is_main_process
+
+        if is_main_process():  # in a multi-process run every rank raises the same error: say it once
+            _print_error(exc.message, exc.hint, exc.label)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -417,6 +259,15 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - last resort: a bug, shown as one line unless debugging
         if _debug():
             raise
+        if "torch" in sys.modules:
+            from peftcli.modeling import is_out_of_memory
+
+            if is_out_of_memory(exc):  # train has its own message; eval, merge, generate land here
+                _print_error(
+                    "out of memory",
+                    "use a smaller --batch-size, --dtype bfloat16, a quantized base, or a machine with more memory",
+                )
+                sys.exit(EXIT_USER)
         _print_error(
             f"unexpected {exc.__class__.__name__}: {exc}",
             "this is a bug in peftcli; rerun with PEFTCLI_DEBUG=1 for the traceback and report it",

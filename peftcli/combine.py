@@ -93,7 +93,7 @@ def run_combine(
     parsed = parse_weights(weights, len(runs))
     _check_runs(runs, recipes, combination, parsed, density)
     out = Path(out).resolve()
-    check_out_dir(out, force)
+    check_out_dir(out, force, [run.path for run in runs])
     recipe = recipes[0]
     modeling.check_model_source(recipe.model)
 
@@ -103,6 +103,12 @@ def run_combine(
     modeling.quiet_libraries()
     torch_dtype = output_dtype(recipe, dtype)
     tokenizer = modeling.load_tokenizer(recipe.model, path=str(runs[0].adapter))
+    templates = {
+        (run.adapter / "chat_template.jinja").read_text() if (run.adapter / "chat_template.jinja").exists() else None
+        for run in runs
+    }
+    if len(templates) > 1:
+        console.warn(f"the runs used different chat templates; the result keeps {runs[0].path.name}'s")
     names = [f"run{i}" for i in range(len(runs))]
     with console.err.status(f"loading the base model and {len(runs)} adapters"):
         base = modeling.load_model(recipe.model, quant=None, dtype=torch_dtype)
@@ -111,7 +117,10 @@ def run_combine(
             model.load_adapter(str(run.adapter), adapter_name=name)
     torch.manual_seed(0)  # DARE drops weights at random: make the result reproducible
     kwargs = {"combination_type": combination, "density": density} if recipe.peft.method != "ia3" else {}
-    model.add_weighted_adapter(names, parsed, "combined", **kwargs)
+    try:
+        model.add_weighted_adapter(names, parsed, "combined", **kwargs)
+    except (ValueError, TypeError) as exc:  # e.g. two adapters both saving the same module in full
+        raise UserError(f"PEFT cannot combine these adapters: {exc}") from None
     model.set_adapter("combined")
     model.eval()
     probe = probe_batch(tokenizer, next(model.parameters()).device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from peftcli.errors import UserError
 from peftcli.methods import REGISTRY
 from peftcli.recipe import Recipe, recipe_to_yaml
 from peftcli.recipe.load import RawRecipe, validate
-from peftcli.rundir import ADAPTER, MODEL, atomic_write_json, atomic_write_text, check_output_dir, create_output_dir
+from peftcli.rundir import artifact_dir, atomic_save_figure, atomic_write_json, atomic_write_text, check_replaceable
 
 COLUMNS = (
     ("method", "method", "{}"),
@@ -57,12 +58,12 @@ def variant(recipe: Recipe, method: str, out: Path) -> Recipe:
     return validate(RawRecipe(data=data, path=Path(f"--methods {method}")))
 
 
-def _artifact_mb(run_dir: Path) -> float:
-    folder = run_dir / MODEL if (run_dir / MODEL).is_dir() else run_dir / ADAPTER
+def _artifact_mb(run_dir: Path, method: str) -> float:
+    folder = artifact_dir(run_dir, REGISTRY[method])
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
 
 
-def _run_one(recipe_file: Path, run_dir: Path) -> dict:
+def _run_one(recipe_file: Path, run_dir: Path, method: str) -> dict:
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "peftcli", "train", str(recipe_file), "--overwrite"],
@@ -90,7 +91,7 @@ def _run_one(recipe_file: Path, run_dir: Path) -> dict:
     return {
         "status": "completed",
         "wall_s": wall,
-        "artifact_mb": _artifact_mb(run_dir),
+        "artifact_mb": _artifact_mb(run_dir, method),
         **{k: metrics.get(k) for k in keep},
     }
 
@@ -103,7 +104,8 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         if row["status"] != "completed":
-            lines.append(f"| {row['method']} | failed: {row['error']} |" + " |" * (len(COLUMNS) - 2))
+            error = row["error"].replace("|", "\\|")
+            lines.append(f"| {row['method']} | failed: {error} |" + " |" * (len(COLUMNS) - 2))
             continue
         lines.append("| " + " | ".join(_cell(row.get(key), fmt) for _, key, fmt in COLUMNS) + " |")
     return "\n".join(lines)
@@ -131,22 +133,23 @@ def plot(rows: list[dict], path: Path) -> None:
         if log and any(values):
             ax.set_yscale("log")
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
 
 
 def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool = False) -> list[dict]:
     variants = {m: variant(recipe, m, out) for m in methods}  # every refusal before any training
-    check_output_dir(out, overwrite)
-    create_output_dir(out, overwrite)
+    check_replaceable(out, overwrite, "--out", "compare.json", flag="--overwrite")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # marks the folder as a comparison from the start, so a later --overwrite may replace it
+    atomic_write_json(out / "compare.json", {"methods": methods, "status": "running"})
     rows = []
     for index, (method, recipe_variant) in enumerate(variants.items(), start=1):
         recipe_file = out / f"{method}.yaml"
         atomic_write_text(recipe_file, recipe_to_yaml(recipe_variant))
         with console.err.status(f"[{index}/{len(methods)}] training with {method}"):
-            row = {"method": method, **_run_one(recipe_file, out / method)}
+            row = {"method": method, **_run_one(recipe_file, out / method, method)}
         rows.append(row)
         verdict = (
             f"train loss {_cell(row.get('train_loss'), '{:.4f}')}, eval loss {_cell(row.get('eval_loss'), '{:.4f}')}"
@@ -159,7 +162,7 @@ def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool =
     summary = {"recipe": yaml.safe_load(recipe_to_yaml(recipe)), "methods": methods, "rows": rows}
     atomic_write_json(out / "compare.json", summary)
     plot(rows, out / "compare.png")
-    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
+    length = t.describe_length()
     device = next((r["device"] for r in rows if r.get("device")), "?")
     text = "\n".join(
         [

@@ -6,7 +6,6 @@ Exit codes are part of the public contract: 0 success, 1 a bug (or a failed nume
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_USER = 2
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftcli import report
-from peftcli.rundir import EVAL, REPORT, atomic_write_text
+from peftcli.rundir import EVAL, REPORT, atomic_save_figure, atomic_write_text
 from peftcli.secrets import redact
 
 EVAL_MD, EVAL_PLOT = "eval.md", "eval.png"
@@ -119,10 +119,7 @@ def plot(result: dict, path: Path) -> None:
         ax.bar(["base", "tuned"], [base, tuned], color=["#999999", "#4c72b0"])
         ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
 
 
 def write(run, recipe, result: dict, predictions: list[dict]) -> None:

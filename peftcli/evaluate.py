@@ -91,19 +91,10 @@ class EvalModels:
     switched on or off; for `full`/`freeze` runs the base is loaded beside the tuned model."""
 
     def __init__(self, run, recipe):
-        from peft import PeftModel
-
         modeling.quiet_libraries()
         self.recipe = recipe
         self.full = method_of(recipe.peft).saves_full_model
-        artifact = run.full_model if self.full else run.adapter
-        self.tokenizer = modeling.load_tokenizer(recipe.model, path=str(artifact))
-        if self.full:
-            tuned = recipe.model.model_copy(update={"name": str(artifact), "revision": None})
-            self.tuned = modeling.load_model(tuned, None)
-        else:
-            base = modeling.load_model(recipe.model, recipe.quantization)
-            self.tuned = PeftModel.from_pretrained(base, str(artifact))
+        self.tuned, self.tokenizer = modeling.load_run(run, recipe)
         self._base = None
 
     @contextmanager
@@ -220,7 +211,10 @@ def run_eval(
     reference = reference or recipe.eval.reference
 
     models = EvalModels(run, recipe)
-    data = prepare_data(recipe.data, models.tokenizer, recipe.training.seed, eval_only=eval_only)
+    section = recipe.data
+    if data_path is not None:  # another file: its own format, detected from its columns
+        section = section.model_copy(update={"format": "auto", "columns": {}})
+    data = prepare_data(section, models.tokenizer, recipe.training.seed, eval_only=eval_only)
     scores = models.score_both(data.eval, batch_size, "eval data")
     result = {
         "run": str(run.path),
@@ -235,7 +229,9 @@ def run_eval(
         result["forgetting"] = forgetting(models, recipe, reference, batch_size)
     predictions: list[dict] = []
     if generate is not None:
-        result["generation"], predictions = generation_eval(models, data.eval_examples, generate, recipe.training.seed)
+        scored = {item.origin for item in data.eval}  # the same examples as the loss figures
+        examples = [e for e in data.eval_examples if e.origin in scored]
+        result["generation"], predictions = generation_eval(models, examples, generate, recipe.training.seed)
         atomic_write_text(
             run.path / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions)
         )

@@ -136,7 +136,7 @@ def estimate(recipe, config: dict, checkpointing: bool | None = None) -> Estimat
     if quant is None:
         weights = (linear + other) * width
     else:
-        per_weight = 1.0 if quant.bits == 8 else 0.5 + (1 / 64 if quant.double_quant else 1 / 16)
+        per_weight = 1.0 if quant.bits == 8 else 0.5 + (1 / 64 if quant.effective_double_quant else 1 / 16)
         weights = linear * per_weight + other * width
     trainable = trainable_params(recipe.peft, shape)
     full = recipe.peft.method in ("full", "freeze")

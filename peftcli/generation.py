@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from peftcli.data.encode import special_token_ids
 from peftcli.data.formats import Example
 
 PROBE = "\u2063probe-reply\u2063"  # a reply no template rewrites, to find what follows a reply
@@ -55,7 +56,7 @@ def stop_token_ids(tokenizer) -> list[int]:
         except Exception:  # noqa: BLE001 - a template may reject the probe; EOS still stops
             return ids
         after = text[text.find(PROBE) + len(PROBE) :]
-        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        special = special_token_ids(tokenizer)
         for token in tokenizer(after, add_special_tokens=False)["input_ids"]:
             if token in special:
                 if token not in ids:

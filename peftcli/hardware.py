@@ -72,8 +72,9 @@ def detect_gpus() -> list[Gpu]:
 
 
 def matmul_params(model) -> int:
-    """Parameters that take part in matrix multiplies: all but the input embedding (unless tied)."""
-    total = sum(p.numel() for p in model.parameters())
+    """Parameters that take part in matrix multiplies: all but the input embedding (unless tied).
+    bitsandbytes packs two 4-bit weights per stored element; they count as two."""
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if embeddings is not None and (head is None or head.weight is not embeddings.weight):

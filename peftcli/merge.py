@@ -15,8 +15,10 @@ from pathlib import Path
 from peftcli import console, modeling
 from peftcli.errors import CheckFailed, UserError
 from peftcli.methods import method_of
+from peftcli.methods.lora import merge_base_is_dequantized
 from peftcli.recipe import recipe_to_yaml
-from peftcli.rundir import atomic_dir, open_run
+from peftcli.rundir import atomic_dir, check_replaceable, open_run
+from peftcli.secrets import redact
 
 # Max |merged - adapter| logit difference, relative to the largest |logit| (at least 1).
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}
@@ -27,11 +29,10 @@ PROBE_TEXTS = (
 )
 
 
-def check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} is not empty", hint="choose another folder, or add --force to replace it")
+def check_out_dir(out: Path, force: bool, runs=()) -> None:
+    """--out must be new, empty, or (with --force) an earlier merge's output; never part of a run."""
+    for run in runs or [None]:
+        check_replaceable(out, force, "--out", "README.md", protect=run)
 
 
 def probe_batch(tokenizer, device):
@@ -95,6 +96,11 @@ def save_verified(merged, tokenizer, probe, expected, out: Path, torch_dtype, ca
         with console.err.status(f"saving the merged model to {out}"):
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+        merged.to("cpu")  # make room: the reloaded copy is checked on the same device
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).to(device).eval()
         max_diff, tolerance = compare(logits(reloaded, probe), expected, probe, dtype_name)
         del reloaded
@@ -107,7 +113,7 @@ def save_verified(merged, tokenizer, probe, expected, out: Path, torch_dtype, ca
         verified = (
             f"Verified after saving: max |merged - adapter| logit difference on a probe batch = {max_diff:.3g}.\n"
         )
-        (tmp / "README.md").write_text(card + "\n" + verified, encoding="utf-8")
+        (tmp / "README.md").write_text(redact(card + "\n" + verified), encoding="utf-8")
     return max_diff, tolerance
 
 
@@ -122,23 +128,15 @@ def run_merge(run_path: Path, out: Path, dtype: str = "auto", force: bool = Fals
     if not method.mergeable:
         raise UserError(f"peft.method '{method.name}' cannot be merged into the weights: {method.serve_hint}")
     out = Path(out).resolve()
-    check_out_dir(out, force)
+    check_out_dir(out, force, [run.path])
     modeling.check_model_source(recipe.model)
-
-    from peft import PeftModel
 
     modeling.quiet_libraries()
     torch_dtype = output_dtype(recipe, dtype)
-    artifact = run.full_model if method.saves_full_model else run.adapter
-    tokenizer = modeling.load_tokenizer(recipe.model, path=str(artifact))
-    with console.err.status("loading the base model (unquantized) and the adapter"):
-        if method.saves_full_model:  # already full weights: this is a verified copy in the chosen dtype
-            model = modeling.load_model(
-                recipe.model.model_copy(update={"name": str(artifact), "revision": None}), None, torch_dtype
-            )
-        else:
-            base = modeling.load_model(recipe.model, quant=None, dtype=torch_dtype)
-            model = PeftModel.from_pretrained(base, str(artifact))
+    base = "dequantized" if merge_base_is_dequantized(recipe.peft) else "full_precision"
+    with console.err.status(f"loading the base model ({base.replace('_', ' ')}) and the adapter"):
+        # (full/freeze runs already hold full weights: merge makes a verified copy in the chosen dtype)
+        model, tokenizer = modeling.load_run(run, recipe, base=base, dtype=torch_dtype)
         model.eval()
     probe = probe_batch(tokenizer, next(model.parameters()).device)
     expected = logits(model, probe)

@@ -1,6 +1,6 @@
 """Loading the tokenizer and the base model: dtype, device, optional bitsandbytes quantization.
 
-This is the only module that builds a `BitsAndBytesConfig`. Every failure a user can cause here
+This is the only peftcli module that builds a `BitsAndBytesConfig`. Every failure a user can cause here
 (a path that does not exist, a folder without config.json, code that needs trust_remote_code,
 bitsandbytes that cannot run) becomes a one-line UserError before any weight is read.
 """
@@ -55,7 +55,8 @@ def device_name() -> str:
 
 
 def is_local(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or Path(name).exists()
+    """Recipes make every local path absolute (recipe/load.py); a relative name is a hub id."""
+    return os.path.isabs(os.path.expanduser(name))
 
 
 def check_model_source(model: ModelSection) -> None:
@@ -85,7 +86,8 @@ def read_config(model: ModelSection) -> dict:
     return {}
 
 
-def check_quantization(quant: QuantizationSection | None) -> None:
+def check_quantization(quant: QuantizationSection | None, try_import: bool = True) -> None:
+    """bitsandbytes must be installed, and (`try_import`, which costs a torch import) load here."""
     if quant is None:
         return
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -93,6 +95,8 @@ def check_quantization(quant: QuantizationSection | None) -> None:
             f"quantization: {quant.bits}-bit needs bitsandbytes, which is not installed",
             hint="pip install bitsandbytes, or remove the quantization section",
         )
+    if not try_import:
+        return
     try:
         import bitsandbytes  # noqa: F401 - importing is the check: it fails where the library cannot run
     except Exception as exc:  # noqa: BLE001
@@ -160,8 +164,8 @@ def bnb_config(quant: QuantizationSection, dtype):
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=quant.quant_type,
-        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_quant_type=quant.effective_quant_type,
+        bnb_4bit_use_double_quant=quant.effective_double_quant,
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_quant_storage=getattr(torch, quant.storage_dtype or "uint8"),
     )
@@ -212,12 +216,45 @@ def load_model(model: ModelSection, quant: QuantizationSection | None = None, dt
     return loaded
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA or CPU allocation failure, however the library phrased it."""
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 def count_params(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights are counted at their unpacked size, as peft does."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def load_run(run, recipe, base: str = "as_trained", dtype=None):
+    """A run's tuned model and its tokenizer (which carries the chat template used in training).
+
+    `base`: "as_trained" (quantized as in training: eval, generate), "full_precision" (merge), or
+    "dequantized" (merge of a LoftQ adapter into the 4-bit weights it corrects). Runs that trained
+    the weights themselves (`full`, `freeze`) load their own `model/`."""
+    from peft import PeftModel
+
+    from peftcli.methods import method_of
+    from peftcli.rundir import artifact_dir
+
+    method = method_of(recipe.peft)
+    artifact = artifact_dir(run.path, method)
+    tokenizer = load_tokenizer(recipe.model, path=str(artifact))
+    if method.saves_full_model:
+        own = recipe.model.model_copy(update={"name": str(artifact), "revision": None})
+        return load_model(own, None, dtype), tokenizer
+    model = load_model(recipe.model, None if base == "full_precision" else recipe.quantization, dtype)
+    if base == "dequantized":
+        model = model.dequantize(dtype=dtype)
+    return PeftModel.from_pretrained(model, str(artifact)), tokenizer
 
 
 def prepare_for_training(model, quant: QuantizationSection | None, gradient_checkpointing: bool):

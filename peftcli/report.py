@@ -6,13 +6,14 @@ The metric names under "Run directory contract" in the README are public: script
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import resource
 import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from peftcli.rundir import LOSS_PLOT, METRICS, REPORT, atomic_write_json, atomic_write_text
+from peftcli.rundir import LOSS_PLOT, METRICS, REPORT, atomic_save_figure, atomic_write_text
 from peftcli.secrets import redact
 
 if TYPE_CHECKING:
@@ -109,10 +110,7 @@ def plot_loss(history: list[dict], path, eval_points: list[dict] | None = None) 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
     return True
 
 
@@ -128,7 +126,7 @@ def _loss_table(history: list[dict], rows: int = 12) -> list[str]:
 
 def render_report(metrics: dict, recipe, has_plot: bool, eval_result: dict | None = None) -> str:
     t, d = recipe.training, recipe.data
-    steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
+    steps = t.describe_length()
     quant = metrics["quantization"] or "none"
     data = metrics["data"]
     lines = [
@@ -216,6 +214,6 @@ def _fmt(value, spec: str = ".4f") -> str:
 def write_run_report(outcome: TrainOutcome) -> dict:
     metrics = build_metrics(outcome)
     has_plot = plot_loss(metrics["loss_history"], outcome.run_dir / LOSS_PLOT, metrics.get("eval_history"))
-    atomic_write_json(outcome.run_dir / METRICS, metrics)
+    atomic_write_text(outcome.run_dir / METRICS, redact(json.dumps(metrics, indent=2)) + "\n")
     atomic_write_text(outcome.run_dir / REPORT, redact(render_report(metrics, outcome.recipe, has_plot)))
     return metrics

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from peftcli.errors import UserError
 
 ADAPTER = "adapter"
@@ -58,6 +56,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG through a temporary sibling, then close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
@@ -104,10 +112,12 @@ class Run:
         return self.path / RECIPE
 
     def recipe(self):
-        from peftcli.recipe import Recipe
+        """The run's saved recipe, validated like any recipe (an edited or older one is a user error)."""
+        from peftcli.recipe.load import read_yaml, resolve_recipe_paths, validate
 
-        data = yaml.safe_load(self.recipe_file.read_text(encoding="utf-8"))
-        return Recipe.model_validate(data)
+        raw = read_yaml(self.recipe_file)
+        resolve_recipe_paths(raw)
+        return validate(raw)
 
     def metrics(self) -> dict:
         path = self.path / METRICS
@@ -141,21 +151,32 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether a folder was written by `peftcli train` (the only kind --overwrite may delete)."""
+    return (path / RECIPE).is_file() or any(path.glob("checkpoint-*")) or (path / ADAPTER).is_dir()
+
+
 def check_output_dir(path: Path, overwrite: bool) -> None:
     """Refuse to mix a new run into an existing one unless the user says so. Writes nothing."""
     if path.exists() and not path.is_dir():
         raise UserError(f"output.dir: {path} exists and is a file")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        finished = (path / ADAPTER).is_dir() or (path / MODEL).is_dir()
-        if finished:
+    if path.is_dir() and any(path.iterdir()):
+        if not is_run_dir(path):
+            # Never offer to delete a folder peftcli did not write (a typo could point at ~ or the data).
             raise UserError(
-                f"output.dir: {path} already holds a finished run",
-                hint="you probably want --overwrite to train it again (deletes it), or another output.dir",
+                f"output.dir: {path} is not empty and is not a peftcli run", hint="choose a new or empty output.dir"
             )
-        raise UserError(
-            f"output.dir: {path} already holds a run that did not finish",
-            hint="you probably want --resume to continue it from its last checkpoint (or --overwrite to start over)",
-        )
+        if not overwrite:
+            if (path / ADAPTER).is_dir() or (path / MODEL).is_dir():
+                raise UserError(
+                    f"output.dir: {path} already holds a finished run",
+                    hint="you probably want --overwrite to train it again (deletes it), or another output.dir",
+                )
+            raise UserError(
+                f"output.dir: {path} already holds a run that did not finish",
+                hint="you probably want --resume to continue it from its last checkpoint (or --overwrite to start "
+                "over)",
+            )
     existing = _nearest_existing(path)
     if not existing.is_dir():
         raise UserError(f"output.dir: {existing} is a file, so {path} cannot be created inside it")
@@ -164,6 +185,28 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
             pass
     except OSError as exc:
         raise UserError(f"output.dir: cannot write in {existing} ({exc.strerror})") from None
+
+
+def check_replaceable(
+    out: Path, force: bool, what: str, marker: str, protect: Path | None = None, flag: str = "--force"
+) -> None:
+    """An output folder of merge/compare may be replaced (--force/--overwrite) only if it holds that
+    command's own output (recognised by `marker`), and never if it is, holds or lies in `protect`."""
+    out = out.resolve()
+    if protect is not None:
+        protect = protect.resolve()
+        if out == protect or protect in out.parents or out in protect.parents:
+            raise UserError(f"{what} {out} overlaps the run {protect}", hint="write to a folder outside the run")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{what} {out} is a file")
+    if out.is_dir() and any(out.iterdir()):
+        if is_run_dir(out) or not (out / marker).exists():
+            raise UserError(
+                f"{what} {out} is not empty and holds something else",
+                hint="choose a new or empty folder (peftcli only replaces its own output)",
+            )
+        if not force:
+            raise UserError(f"{what} {out} is not empty", hint=f"choose another folder, or add {flag} to replace it")
 
 
 def create_output_dir(path: Path, overwrite: bool) -> None:

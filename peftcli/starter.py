@@ -63,7 +63,7 @@ def starter(method_name: str, model: str, data: str, name: str) -> str:
         _line("format", "auto", "auto | messages | sharegpt | alpaca | prompt_completion | text"),
         _line("chat_template", "auto", "auto | chatml | llama3 | mistral | path/to/template.jinja"),
         _line("max_length", 1024, "tokens per example"),
-        _line("packing", False, "pack short examples into full rows (faster on mixed lengths)")
+        _line("packing", "auto", "pack examples into padding-free rows: auto = on a GPU with flash attention")
         if method.packing
         else "  # (packing does not combine with this method)",
         "training:",

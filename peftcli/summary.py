@@ -25,7 +25,7 @@ def describe_recipe(recipe: Recipe) -> list[str]:
         lines.append(f"base: {recipe.model.name} (hub id; not inspected offline)")
     lines += fit_lines(recipe, config)
     t = recipe.training
-    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
+    length = t.describe_length()
     lines.append(
         f"training: {length}, {t.batch_size} x {t.gradient_accumulation} examples per step, lr {t.learning_rate:g}"
     )
@@ -42,7 +42,12 @@ def fit_lines(recipe: Recipe, config: dict) -> list[str]:
         guess = estimate(recipe, config)
     except (KeyError, TypeError, ZeroDivisionError):
         return ["fit estimate: not available for this model's config"] if config else []
-    lines = [guess.describe()]
+    share = 100 * guess.trainable_params / max(guess.total_params, 1)
+    lines = [
+        f"parameters: {guess.total_params / 1e6:,.1f}M in the base, {guess.trainable_params / 1e6:,.3f}M "
+        f"trainable ({share:.3f} %)",
+        guess.describe(),
+    ]
     gpus = detect_gpus()
     if gpus and guess.total_gib > gpus[0].memory_gib:
         lines.append(

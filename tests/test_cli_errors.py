@@ -96,11 +96,17 @@ def test_quantization_without_usable_bitsandbytes(cli, tmp_path, tiny_model, mon
 
 
 def test_existing_run_needs_overwrite(cli, tmp_path, tiny_model):
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
     (tmp_path / "run" / "keep.txt").write_text("x")
     result = _train(cli, tmp_path, tiny_model)
     _assert_user_error(result, "already holds a run that did not finish")
     assert "you probably want --resume" in result.err
+    (tmp_path / "run" / "checkpoint-2").rmdir()  # a folder peftcli did not write is never offered for deletion
+    for flags in ([], ["--overwrite"]):
+        refused = cli("train", tmp_path / "recipe.yaml", *flags)
+        _assert_user_error(refused, "is not empty and is not a peftcli run")
+        assert "--overwrite" not in refused.err
+    assert (tmp_path / "run" / "keep.txt").exists()
     assert (tmp_path / "run" / "keep.txt").exists()
 
 

@@ -98,6 +98,7 @@ def test_fit_estimate_for_8b_qlora_and_validate_prints_it(tmp_path, cli):
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(LLAMA_8B))
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")  # validate checks that a tokenizer is there
     path = write_recipe(
         tmp_path / "r.yaml",
         {
@@ -116,6 +117,7 @@ def test_fit_estimate_for_8b_qlora_and_validate_prints_it(tmp_path, cli):
     assert full.activations_gib > 10 * guess.activations_gib  # checkpointing is what makes it fit
     result = cli("validate", path)
     assert result.code == 0 and "fit estimate (GPU" in result.err and "GiB peak" in result.err
+    assert "8,030.3M in the base, 41.943M trainable" in result.err
 
 
 def test_auto_settings_are_fast_on_a_gpu_and_plain_on_cpu(tmp_path, tiny_model, monkeypatch):
@@ -175,19 +177,20 @@ def test_metrics_carry_throughput_and_utilisation(tmp_path, tiny_model):
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops("Some Future GPU") is None
 
 
-def test_launcher_commands():
+def test_launcher_environments_and_commands(monkeypatch):
     from peftcli.errors import UserError
-    from peftcli.launch import launcher_command
+    from peftcli.launch import accelerate_command, process_environments
 
-    cpu = launcher_command(["train", "r.yaml"], 2, None, gpus=0)
-    assert cpu[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    assert cpu[-3:] == ["peftcli", "train", "r.yaml"]
-    gpu = launcher_command(["train", "r.yaml"], 4, None, gpus=8)
-    assert "accelerate.commands.launch" in gpu and "--multi_gpu" in gpu and gpu[gpu.index("--num_processes") + 1] == "4"
-    fsdp = launcher_command(["train", "r.yaml"], 2, Path("recipes/accelerate/fsdp.yaml"), gpus=2)
-    assert fsdp[fsdp.index("--config_file") + 1] == "recipes/accelerate/fsdp.yaml"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    envs = process_environments(2, gpus=0)
+    assert [e["RANK"] for e in envs] == ["0", "1"] and [e["LOCAL_RANK"] for e in envs] == ["0", "1"]
+    assert {e["WORLD_SIZE"] for e in envs} == {"2"} and len({e["MASTER_PORT"] for e in envs}) == 1
+    assert int(envs[0]["OMP_NUM_THREADS"]) >= 1  # CPU cores shared, not oversubscribed
     with pytest.raises(UserError, match="2 GPU"):
-        launcher_command(["train", "r.yaml"], 4, None, gpus=2)
+        process_environments(4, gpus=2)
+    fsdp = accelerate_command(["train", "r.yaml"], 2, Path("recipes/accelerate/fsdp.yaml"))
+    assert fsdp[fsdp.index("--config_file") + 1] == "recipes/accelerate/fsdp.yaml"
+    assert fsdp[fsdp.index("--num_processes") + 1] == "2" and fsdp[-3:] == ["peftcli", "train", "r.yaml"]
 
 
 def test_accelerate_configs_are_valid_yaml():

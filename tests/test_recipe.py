@@ -28,7 +28,7 @@ def test_minimal_recipe_fills_defaults(tmp_path):
     path.write_text(MINIMAL, encoding="utf-8")
     recipe = load_recipe(path, cwd=tmp_path)
     assert recipe.peft.method == "lora" and recipe.peft.r == 8
-    assert recipe.training.epochs == 1.0 and recipe.training.max_steps is None
+    assert recipe.training.epochs is None and recipe.training.max_steps is None  # = 1 epoch
     assert recipe.model.name == "some/model"  # a hub id stays a hub id
     assert recipe.data.train[0].path == str(tmp_path / "train.jsonl")  # data resolves next to the recipe
     assert recipe.output.dir == str(tmp_path / "runs" / "r")
@@ -114,7 +114,7 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
     )
     assert recipe.training.learning_rate == 1e-4
     assert recipe.peft.target_modules == ["q_proj", "v_proj"]
-    assert recipe.quantization.bits == 4 and recipe.quantization.quant_type == "nf4"
+    assert recipe.quantization.bits == 4 and recipe.quantization.effective_quant_type == "nf4"
     assert "learning_rate: 0.0001" in recipe_to_yaml(recipe)
 
 

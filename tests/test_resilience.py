@@ -146,14 +146,29 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path, tiny_model, cli, 
     assert read_json(run / "metrics.json")["steps"] == 12
 
 
-def test_resume_from_a_checkpoint_at_the_last_step(tmp_path, tiny_model, cli, monkeypatch):
-    """Upstream Trainer trains one step too many when resumed from its last step; we must not."""
-    path = _interrupted_run(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run")), monkeypatch, 11)
+def test_a_signal_during_the_last_step_still_finishes_the_run(tmp_path, tiny_model, monkeypatch):
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run"))
+    _interrupt_at(monkeypatch, 11)  # SIGTERM while step 12 of 12 runs
+    outcome = _train(path)
+    assert outcome.status == "completed" and (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_resume_from_a_checkpoint_at_the_last_step(tmp_path, tiny_model, cli):
+    """A process killed right after its last checkpoint: resuming writes the results without
+    training again (upstream Trainer would train one step too many)."""
+    import shutil
+
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run"))
+    assert cli("train", path).code == 0
+    run = tmp_path / "run"
+    shutil.rmtree(run / "adapter")  # as if killed after checkpoint-12 was saved
+    (run / "metrics.json").unlink()
     result = cli("train", path, "--resume")
     assert result.code == 0, result.err
-    metrics = read_json(tmp_path / "run" / "metrics.json")
+    assert "checkpoint-12 is the last step: nothing left to train" in result.err
+    metrics = read_json(run / "metrics.json")
     assert metrics["steps"] == 12 and [h["step"] for h in metrics["loss_history"]] == list(range(1, 13))
-    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_resume_without_a_run(tmp_path, tiny_model, cli):

@@ -34,7 +34,8 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE)
 
 
-def _special_ids(tokenizer) -> set[int]:
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of every special token, the added ones (chat markers) included."""
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
     return ids
@@ -55,7 +56,14 @@ def chat_spans(tokenizer, example: Example, train_on: str) -> tuple[str, list[tu
         # template renders prefixes consistently (almost all do); else the next match after the
         # previous reply.
         prefix = render(tokenizer, turns[:i], add_generation_prompt=True)
-        search_from = max(len(prefix) if full.startswith(prefix) else 0, cursor)
+        if full.startswith(prefix):
+            search_from = max(len(prefix), cursor)
+        else:
+            # A template that renders history differently (e.g. drops earlier reasoning): start after
+            # the turn just before this reply, so a reply quoted in the user's message is not taken.
+            before = turns[i - 1].content.strip() if i else ""
+            anchor = full.find(before, cursor) if before else -1
+            search_from = anchor + len(before) if anchor >= 0 else cursor
         content = turns[i].content.strip()
         start = full.find(content, search_from)
         if start < 0:
@@ -86,7 +94,7 @@ def encode(tokenizer, example: Example, train_on: str) -> Encoded:
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     trained = [False] * len(ids)
-    special = _special_ids(tokenizer)
+    special = special_token_ids(tokenizer)
     for span_start, span_end in spans:
         last = -1
         for j, (a, b) in enumerate(offsets):

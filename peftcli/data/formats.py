@@ -21,7 +21,6 @@ FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prompt_completion": (("prompt", "completion"), ()),
     "text": (("text",), ()),
 }
-CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
     "system": "system",

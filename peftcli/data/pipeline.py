@@ -88,9 +88,34 @@ def _read_examples(sources: list[DataSource], data: DataSection, key: str) -> _E
                         hint="fix the row, or set data.bad_rows: skip to skip and count bad rows",
                     ) from None
                 stats.skip(origin, str(exc))
+        if not examples:
+            raise UserError(
+                f"{where}: every row of {source.path} was skipped as bad",
+                hint="see the reasons with data.bad_rows: error",
+            )
         stats.formats[fmt] = stats.formats.get(fmt, 0) + len(examples)
         per_source.append(examples)
     return _Examples(per_source, stats)
+
+
+def _hold_out(per_source: list[list[Example]], fraction: float, seed: int) -> tuple[list[list[Example]], list[Example]]:
+    """Hold out `fraction` of every source (seeded) before any mixing, so that no row, nor a repeat
+    of it made by weighted mixing, is both trained on and evaluated."""
+    rng = random.Random(seed)
+    total = sum(len(examples) for examples in per_source)
+    train_parts, held = [], []
+    for examples in per_source:
+        order = examples[:]
+        rng.shuffle(order)
+        cut = round(len(order) * fraction)
+        held += order[:cut]
+        train_parts.append(order[cut:])
+    if not held:  # a tiny dataset: hold out one row of the largest source
+        largest = max(range(len(train_parts)), key=lambda i: len(train_parts[i]))
+        held.append(train_parts[largest].pop(0))
+    if not any(train_parts):
+        raise UserError(f"data.eval_split {fraction} leaves no training rows ({total} rows in all)")
+    return train_parts, held
 
 
 def _mix(per_source: list[list[Example]], sources: list[DataSource], seed: int) -> list[Example]:
@@ -99,11 +124,15 @@ def _mix(per_source: list[list[Example]], sources: list[DataSource], seed: int) 
     if len(per_source) == 1 or all(s.weight is None for s in sources):
         return [e for examples in per_source for e in examples]
     rng = random.Random(seed)
-    weights = [s.weight if s.weight is not None else 1.0 for s in sources]
-    total = sum(len(examples) for examples in per_source)
+    # A source left empty (all its rows held out for eval) has no share to give.
+    pairs = [
+        (examples, s.weight if s.weight is not None else 1.0) for examples, s in zip(per_source, sources) if examples
+    ]
+    total = sum(len(examples) for examples, _ in pairs)
+    weight_sum = sum(weight for _, weight in pairs)
     mixed: list[Example] = []
-    for examples, weight in zip(per_source, weights):
-        want = round(total * weight / sum(weights))
+    for examples, weight in pairs:
+        want = round(total * weight / weight_sum)
         order = examples[:]
         rng.shuffle(order)
         mixed.extend(order[i % len(order)] for i in range(want))
@@ -160,14 +189,10 @@ def prepare_data(data: DataSection, tokenizer, seed: int, eval_only: list[DataSo
     eval_examples: list[Example] = []
     eval_stats = eval_read.stats if eval_read else SplitStats()
     if train_read is not None:
-        train_examples = _mix(train_read.per_source, data.train, seed)
+        per_source = train_read.per_source
         if data.eval_split is not None:
-            order = train_examples[:]
-            random.Random(seed).shuffle(order)
-            held = max(1, round(len(order) * data.eval_split))
-            if held >= len(order):
-                raise UserError(f"data.eval_split {data.eval_split} leaves no training rows ({len(order)} rows in all)")
-            eval_examples, train_examples = order[:held], order[held:]
+            per_source, eval_examples = _hold_out(per_source, data.eval_split, seed)
+        train_examples = _mix(per_source, data.train, seed)
     if eval_read is not None:
         eval_examples = [e for examples in eval_read.per_source for e in examples]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,11 @@ def read_source(source: DataSource, key: str) -> list[Row | BadRow]:
     if any(ch in path for ch in "*?["):
         files = sorted(p for p in glob.glob(path, recursive=True) if p.endswith(SUFFIXES))
         if not files:
-            raise UserError(f"{key}: the pattern {path} matches no .jsonl/.json/.csv/.parquet file")
+            raise UserError(f"{key}: the pattern {path} matches no {'/'.join(SUFFIXES)} file")
         return [row for file in files for row in _read_file(Path(file), key)]
     local = Path(path)
+    if not local.is_absolute():  # recipes make local paths absolute: a relative one is a hub id
+        return _read_hub(source, key)
     if local.is_dir():
         if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
             return _read_saved_dataset(local, source, key)
@@ -56,11 +57,7 @@ def read_source(source: DataSource, key: str) -> list[Row | BadRow]:
         return [row for file in files for row in _read_file(file, key)]
     if local.is_file():
         return _read_file(local, key)
-    if os.path.isabs(path) or path.endswith(SUFFIXES):
-        raise UserError(
-            f"{key}: data file not found: {path}", hint="relative paths resolve against the recipe's folder"
-        )
-    return _read_hub(source, key)
+    raise UserError(f"{key}: data file not found: {path}", hint="relative paths resolve against the recipe's folder")
 
 
 def _read_file(path: Path, key: str) -> list[Row | BadRow]:

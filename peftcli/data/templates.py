@@ -32,6 +32,8 @@ def resolve_template(setting: str, tokenizer) -> ChatTemplate:
     """Turn `data.chat_template` into jinja text, and install it on the tokenizer."""
     if setting == "auto":
         own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, dict):  # several named templates: the chat one is "default"
+            own = own.get("default") or next(iter(own.values()), None)
         if isinstance(own, str) and own.strip():
             template = ChatTemplate("tokenizer", own)
         else:

@@ -24,7 +24,6 @@ class MethodSpec(Strict):
 class MethodContext:
     """What a method may need beyond its own keys when it is applied to a model."""
 
-    model_config: dict
     tokenizer_path: str
     total_steps: int
     scratch_dir: Path

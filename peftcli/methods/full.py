@@ -30,9 +30,14 @@ def apply_full(spec: FullSpec, model, ctx: MethodContext):
 
 
 def _decoder_layers(model):
-    """The model's list of transformer blocks (found by shape, not by architecture name)."""
+    """The model's list of transformer blocks: the decoder's `layers` where the model has the usual
+    layout, else the longest ModuleList (never an MoE layer's experts, which come later in the walk)."""
     import torch
 
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        return layers
     best = None
     for _, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:

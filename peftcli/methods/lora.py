@@ -47,26 +47,20 @@ class LoraSpec(MethodSpec):
         return self
 
     def check_with(self, recipe) -> None:
-        if self.init in ("pissa", "loftq") and recipe.quantization is not None:
+        if self.init == "pissa" and recipe.quantization is not None:
             raise ValueError(
-                f"peft.init: {self.init} initialises from the full-precision weights; remove the quantization "
-                f"section (loftq quantises the base itself)"
+                "peft.init: pissa initialises from the full-precision weights; remove the quantization "
+                "section (or use init: olora, which works on a 4-bit base)"
+            )
+        if self.init == "loftq" and (recipe.quantization is None or recipe.quantization.bits != 4):
+            raise ValueError(
+                "peft.init: loftq fits the adapter to the quantization error of a 4-bit base; set quantization.bits: 4"
             )
 
 
 def _lora_extra(spec: LoraSpec, model, ctx: MethodContext) -> dict:
-    extra = {"init_lora_weights": _INIT[spec.init]}
-    if spec.init == "loftq":
-        import importlib.util
-
-        import torch
-
-        if not torch.cuda.is_available() or importlib.util.find_spec("scipy") is None:
-            raise UserError("peft.init: loftq runs on a CUDA GPU and needs scipy", hint="use init: pissa or default")
-        from peft import LoftQConfig
-
-        extra["loftq_config"] = LoftQConfig(loftq_bits=4)
-    return extra
+    # LoftQ starts from the default init; its A/B are replaced after the model is wrapped (apply_lora).
+    return {"init_lora_weights": True if spec.init == "loftq" else _INIT[spec.init]}
 
 
 _lora = via_peft(
@@ -75,10 +69,27 @@ _lora = via_peft(
 
 
 def apply_lora(spec: LoraSpec, model, ctx: MethodContext):
+    if spec.init == "loftq":
+        import torch
+
+        if not torch.cuda.is_available():  # peft's LoftQ kernels assume CUDA
+            raise UserError("peft.init: loftq runs on a CUDA GPU only", hint="use init: default (or olora) here")
     peft_model = _lora(spec, model, ctx)
     if spec.init in _REWRITES_BASE:
         peft_model.save_pretrained(ctx.scratch_dir / "initial-adapter")
+    if spec.init == "loftq":
+        from peft import replace_lora_weights_loftq
+
+        # A and B start as a low-rank fit of (full-precision W - its 4-bit copy), read from the
+        # base's safetensors: the adapter begins by undoing the quantization error.
+        replace_lora_weights_loftq(peft_model)
     return peft_model
+
+
+def merge_base_is_dequantized(spec) -> bool:
+    """LoftQ adapters correct the 4-bit weights they were fitted to: fold them into those weights
+    (dequantized), not into the original full-precision ones, which would count the correction twice."""
+    return getattr(spec, "init", None) == "loftq"
 
 
 def save_lora(spec: LoraSpec, model, out: Path, ctx: MethodContext) -> None:
@@ -126,6 +137,18 @@ def adalora_callbacks(model) -> list:
     from transformers import TrainerCallback
 
     class ReallocateRanks(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # The schedule was built from an estimate of the step count; the trainer now knows the
+            # real one (packing, processes, epochs). The rank allocator reads this config live.
+            config = model.peft_config[model.active_adapter]
+            config.total_step = state.max_steps
+            if config.tinit >= state.max_steps - config.tfinal:
+                raise UserError(
+                    f"peft.tinit ({config.tinit}) + peft.tfinal ({config.tfinal}) leave no budgeting phase in "
+                    f"{state.max_steps} training steps",
+                    hint="lower tinit/tfinal or train longer",
+                )
+
         # Neither Trainer nor TRL drives AdaLoRA's budget: it must run after the optimizer step and
         # before the gradients are zeroed (on_step_end is too late: the grads are gone).
         def on_optimizer_step(self, args, state, control, **kwargs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,15 +139,27 @@ def apply_overrides(raw: RawRecipe, overrides: list[str], cwd: Path) -> None:
 # --- paths -------------------------------------------------------------------------------------
 
 
+# A hub id: "name" or "org/name" (letters, digits, '-', '_', '.'), nothing more.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_BUILTIN_TEMPLATES = ("auto", "chatml", "llama3", "mistral")
+
+
 def _localize(value: Any, base: Path, always: bool = False) -> Any:
-    """Make a local path absolute; leave hub ids ("org/name") alone."""
+    """Make a local path absolute (against `base`); leave hub ids ("org/name") alone.
+
+    After this, every local path in a recipe is absolute, and anything relative is a hub id: the
+    rest of the code never looks a relative path up in the current directory."""
     if not isinstance(value, str) or not value:
         return value
     expanded = os.path.expanduser(value)
-    candidate = Path(expanded) if os.path.isabs(expanded) else base / expanded
-    looks_local = always or value.startswith((".", "/", "~")) or value.endswith(_LOCAL_SUFFIXES)
-    if looks_local or candidate.exists() or any(ch in value for ch in "*?["):
-        return str(candidate.resolve()) if candidate.exists() else os.path.normpath(str(candidate))
+    if os.path.isabs(expanded):
+        return os.path.normpath(expanded)
+    candidate = base / expanded
+    if candidate.exists():
+        return str(candidate.resolve())
+    looks_local = always or value.startswith((".", "~")) or value.endswith(_LOCAL_SUFFIXES)
+    if looks_local or any(ch in value for ch in "*?[") or not _HUB_ID.match(value):
+        return os.path.normpath(str(candidate))  # reported as "not found" where it is used
     return value
 
 
@@ -167,7 +180,7 @@ def _resolve_paths_at(parts: tuple[str, ...], value: Any, base: Path) -> Any:
         return _localize(value, base)
     if key in ("data.train", "data.eval"):
         return _localize_sources(value, base)
-    if key == "data.chat_template" and isinstance(value, str) and value.endswith(".jinja"):
+    if key == "data.chat_template" and isinstance(value, str) and value not in _BUILTIN_TEMPLATES:
         return _localize(value, base, always=True)
     if key in ("output.dir", "eval.reference"):
         return _localize(value, base, always=True)

@@ -45,13 +45,20 @@ class QuantizationSection(Strict):
             for key in ("quant_type", "double_quant", "storage_dtype"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key} applies to 4-bit only; remove it or set bits: 4")
-        else:
-            self.quant_type = self.quant_type or "nf4"
-            self.double_quant = True if self.double_quant is None else self.double_quant
         return self
 
+    # Unset keys stay None in the recipe (so a saved recipe can switch to 8 bits with --set); these
+    # are the values they stand for.
+    @property
+    def effective_quant_type(self) -> str:
+        return self.quant_type or "nf4"
+
+    @property
+    def effective_double_quant(self) -> bool:
+        return True if self.double_quant is None else self.double_quant
+
     def describe(self) -> str:
-        return f"{self.bits}-bit" + (f" {self.quant_type}" if self.bits == 4 else "")
+        return f"{self.bits}-bit" + (f" {self.effective_quant_type}" if self.bits == 4 else "")
 
 
 class DataSource(Strict):
@@ -104,7 +111,7 @@ class DataSection(Strict):
 
 class TrainingSection(Strict):
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; or set epochs.")
-    epochs: PositiveFloat | None = Field(None, description="Passes over the data (default 1 if no max_steps).")
+    epochs: PositiveFloat | None = Field(None, description="Passes over the data (1 when neither is set).")
     batch_size: PositiveInt = Field(4, description="Examples per device per step.")
     gradient_accumulation: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     learning_rate: PositiveFloat = Field(2.0e-4, description="Peak learning rate.")
@@ -115,7 +122,7 @@ class TrainingSection(Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(ge=0)] = Field(1.0, description="Gradient clipping; 0 disables.")
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
-        "auto", description="auto = fused AdamW on CUDA, AdamW on CPU."
+        "auto", description="auto = fused AdamW (on CPU and GPU)."
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Trade compute for activation memory (non-reentrant). auto = on a GPU, off on CPU."
@@ -126,7 +133,7 @@ class TrainingSection(Strict):
     )
     tf32: bool | Literal["auto"] = Field("auto", description="TF32 matmuls for fp32 work. auto = on Ampere+ GPUs.")
     compile: bool = Field(False, description="torch.compile the model (slower start, faster steps on GPU).")
-    seed: int = 42
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 42
     eval_steps: PositiveInt | None = Field(None, description="Compute the eval loss every N steps while training.")
     early_stopping_patience: PositiveInt | None = Field(
         None, description="Stop after N evals without improvement; adapter/ is then the best one seen."
@@ -141,6 +148,9 @@ class TrainingSection(Strict):
     logging_steps: PositiveInt = Field(1, description="Log the loss every N steps.")
     save_steps: PositiveInt = Field(100, description="Write checkpoint-N every N steps (and at the end).")
     save_total_limit: PositiveInt | None = Field(3, description="Keep at most this many checkpoints.")
+
+    def describe_length(self) -> str:
+        return f"{self.max_steps} steps" if self.max_steps else f"{self.epochs or 1:g} epochs"
 
 
 class EvalSection(Strict):
@@ -189,8 +199,6 @@ class Recipe(Strict):
             raise ValueError("data.eval and data.eval_split both set; keep one")
         if training.max_steps is not None and training.epochs is not None:
             raise ValueError("training.max_steps and training.epochs both set; keep one")
-        if training.max_steps is None and training.epochs is None:
-            training.epochs = 1.0
         has_eval = data.eval is not None or data.eval_split is not None
         if training.eval_steps is not None and not has_eval:
             raise ValueError("training.eval_steps needs eval data: set data.eval or data.eval_split")

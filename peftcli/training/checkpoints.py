@@ -10,6 +10,10 @@ whether or not it is complete (a missing `optimizer.pt` silently restarts the LR
 - optimizer and RNG state are stored as safetensors + JSON, scheduler state as JSON, the training
   arguments as JSON: no file in a checkpoint is a pickle, and resuming calls no `torch.load`;
 - `--resume` picks the newest *complete* checkpoint and says which ones it skipped.
+
+With several processes the staging folder is cleared, written and renamed between barriers, and
+each process keeps its own RNG state. Under FSDP and DeepSpeed, whose optimizer state is sharded,
+the optimizer/scheduler/RNG files are upstream's own (their formats are pickles).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from peftcli.rundir import TMP_PREFIX
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER = "optimizer.safetensors", "optimizer.json", "scheduler.json"
-RNG_TENSORS, RNG_META, STATE = "rng_state.safetensors", "rng_state.json", "trainer_state.json"
-REQUIRED = (STATE, OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER, RNG_TENSORS, RNG_META)
+RNG, STATE, SCALER = "rng_state", "trainer_state.json", "scaler.json"
+REQUIRED = (STATE, OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER)
+# Files upstream Trainer writes under FSDP/DeepSpeed (sharded optimizer state).
+UPSTREAM_OPTIMIZER = ("optimizer.pt", "optimizer_0", "pytorch_model_fsdp_0", "global_step*")
 
 
 def _write_json(value, path: str) -> None:
@@ -51,7 +57,12 @@ def _fsync_tree(path: str) -> None:
 
 def missing_files(checkpoint: Path) -> list[str]:
     """What a checkpoint lacks to be resumed exactly; [] means complete."""
+    if not (checkpoint / OPTIMIZER_META).exists() and any(any(checkpoint.glob(p)) for p in UPSTREAM_OPTIMIZER):
+        # written under FSDP/DeepSpeed in upstream's layout: the renamed folder is complete by construction
+        return [] if (checkpoint / STATE).is_file() else [STATE]
     missing = [name for name in REQUIRED if not (checkpoint / name).is_file()]
+    if not any(checkpoint.glob(f"{RNG}*.safetensors")):
+        missing.append(f"{RNG}.safetensors")
     has_adapter = (checkpoint / "adapter_config.json").is_file() and any(checkpoint.glob("adapter_model*"))
     has_model = (checkpoint / "config.json").is_file() and any(checkpoint.glob("model*.safetensors"))
     if not (has_adapter or has_model):
@@ -80,11 +91,12 @@ def newest_complete(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
-def finished_training(checkpoint: Path) -> bool:
+def finished_training(checkpoint: Path, max_steps: int | None) -> bool:
     """Whether a checkpoint was saved at the last step (resuming from it would train one extra
-    step: an off-by-one in Trainer's resume loop)."""
+    step: an off-by-one in Trainer's resume loop). `max_steps` is the recipe's, when it sets one
+    (a forced resume may have raised it)."""
     state = json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
-    return state["global_step"] >= state["max_steps"] > 0
+    return state["global_step"] >= (max_steps or state["max_steps"]) > 0
 
 
 def load_final_checkpoint(trainer, checkpoint: Path) -> None:
@@ -101,9 +113,16 @@ def remove_staging(run_dir: Path) -> None:
 
 
 class SafeCheckpoints:
-    """Trainer mixin: atomic, pickle-free checkpoints (single process; DeepSpeed/FSDP keep upstream's)."""
+    """Trainer mixin: atomic checkpoints; pickle-free ones outside FSDP/DeepSpeed."""
 
     _staging_dir: str | None = None
+
+    def _sharded(self) -> bool:
+        return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
+
+    def _barrier(self) -> None:
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
 
     # --- atomic: upstream writes into a staging sibling, we rename it into place -----------------
     def _get_output_dir(self, trial):
@@ -115,36 +134,41 @@ class SafeCheckpoints:
         run_dir = super()._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
         staging = os.path.join(run_dir, f"{TMP_PREFIX}{name}")
+        self._barrier()  # every process is done with the step before rank 0 clears a stale staging folder
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
+        self._barrier()
         self._staging_dir = staging
         try:
-            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N
+            super()._save_checkpoint(model, trial)  # every process writes its part into staging/checkpoint-N
         finally:
             self._staging_dir = None
-        if not self.args.should_save:
-            return
-        written, final = os.path.join(staging, name), os.path.join(run_dir, name)
-        _fsync_tree(written)
-        if os.path.exists(final):  # the same step saved twice (a stop request on a save step)
-            shutil.rmtree(final)
-        os.rename(written, final)
-        os.rmdir(staging)
-        _fsync(run_dir)
-        rotate_checkpoints(
-            output_dir=run_dir,
-            save_total_limit=self.args.save_total_limit,
-            best_model_checkpoint=self.state.best_model_checkpoint,
-            use_mtime=False,
-        )
+        self._barrier()  # ... and has finished writing it
+        if self.args.should_save:
+            written, final = os.path.join(staging, name), os.path.join(run_dir, name)
+            _fsync_tree(written)
+            if os.path.exists(final):  # the same step saved twice (a stop request on a save step)
+                shutil.rmtree(final)
+            os.rename(written, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            _fsync(run_dir)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self._barrier()  # nobody goes on before the checkpoint is in place
 
-    # --- pickle-free optimizer / scheduler / RNG / arguments --------------------------------------
+    # --- pickle-free optimizer / scheduler / RNG / scaler / arguments ---------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         import safetensors.torch
         import torch
 
+        if self._sharded():
+            return super()._save_optimizer_and_scheduler(output_dir)
         if not self.args.should_save:
-            return
+            return None
         os.makedirs(output_dir, exist_ok=True)
         state = self.optimizer.state_dict()
         tensors, meta = {}, {}
@@ -159,12 +183,13 @@ class SafeCheckpoints:
         safetensors.torch.save_file(tensors, os.path.join(output_dir, OPTIMIZER_TENSORS))
         _write_json({"state": meta, "param_groups": state["param_groups"]}, os.path.join(output_dir, OPTIMIZER_META))
         _write_json(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER))
+        return None
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         import safetensors.torch
 
-        if checkpoint is None:
-            return
+        if checkpoint is None or not os.path.exists(os.path.join(checkpoint, OPTIMIZER_META)):
+            return super()._load_optimizer_and_scheduler(checkpoint)  # FSDP/DeepSpeed layout
         tensors = safetensors.torch.load_file(os.path.join(checkpoint, OPTIMIZER_TENSORS), device="cpu")
         with open(os.path.join(checkpoint, OPTIMIZER_META), encoding="utf-8") as handle:
             meta = json.load(handle)
@@ -178,42 +203,71 @@ class SafeCheckpoints:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         with open(os.path.join(checkpoint, SCHEDULER), encoding="utf-8") as handle:
             self.lr_scheduler.load_state_dict(json.load(handle))
+        return None
+
+    def _rng_name(self) -> str:
+        """One RNG file per process when there are several (each has its own dropout stream)."""
+        return RNG if self.args.world_size <= 1 else f"{RNG}_{self.args.process_index}"
 
     def _save_rng_state(self, output_dir: str) -> None:
         import numpy as np
         import safetensors.torch
         import torch
 
+        if self._sharded():
+            return super()._save_rng_state(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         py_version, py_state, py_gauss = random.getstate()
         np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
         tensors = {"cpu": torch.random.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
         if torch.cuda.is_available():
             tensors["cuda"] = torch.cuda.random.get_rng_state()
-        safetensors.torch.save_file(tensors, os.path.join(output_dir, RNG_TENSORS))
+        name = self._rng_name()
+        safetensors.torch.save_file(tensors, os.path.join(output_dir, f"{name}.safetensors"))
         meta = {
             "python": [py_version, list(py_state), py_gauss],
             "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_cached)],
         }
-        _write_json(meta, os.path.join(output_dir, RNG_META))
+        _write_json(meta, os.path.join(output_dir, f"{name}.json"))
+        return None
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         import numpy as np
         import safetensors.torch
         import torch
 
-        if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, RNG_TENSORS)):
-            return
-        tensors = safetensors.torch.load_file(os.path.join(checkpoint, RNG_TENSORS))
-        with open(os.path.join(checkpoint, RNG_META), encoding="utf-8") as handle:
+        if checkpoint is None:
+            return None
+        name = self._rng_name()
+        if not os.path.isfile(os.path.join(checkpoint, f"{name}.safetensors")):
+            return super()._load_rng_state(checkpoint)  # upstream layout, or none
+        tensors = safetensors.torch.load_file(os.path.join(checkpoint, f"{name}.safetensors"))
+        with open(os.path.join(checkpoint, f"{name}.json"), encoding="utf-8") as handle:
             meta = json.load(handle)
         version, state, gauss = meta["python"]
         random.setstate((version, tuple(state), gauss))
-        name, pos, has_gauss, cached = meta["numpy"]
-        np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        np_name, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((np_name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
         torch.random.set_rng_state(tensors["cpu"])
         if torch.cuda.is_available() and "cuda" in tensors:
             torch.cuda.random.set_rng_state(tensors["cuda"])
+        return None
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or self._sharded():
+            return super()._save_scaler(output_dir)
+        if self.args.should_save:  # fp16's loss scale: a few numbers, kept as JSON
+            _write_json(scaler.state_dict(), os.path.join(output_dir, SCALER))
+        return None
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is None or scaler is None or not os.path.isfile(os.path.join(checkpoint, SCALER)):
+            return super()._load_scaler(checkpoint)
+        with open(os.path.join(checkpoint, SCALER), encoding="utf-8") as handle:
+            scaler.load_state_dict(json.load(handle))
+        return None
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)

@@ -8,7 +8,7 @@
 | training.liger | on if liger-kernel is installed | off |
 | training.tf32 | on for Ampere and newer | off |
 
-Every choice is recorded in metrics.json (`settings`) with the reason, and each can be set
+Every choice is recorded in metrics.json (`settings`) and report.md, and each can be set
 explicitly in the recipe. The bench measures them on and off.
 """
 

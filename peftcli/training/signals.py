@@ -24,16 +24,20 @@ class GracefulStop(TrainerCallback):
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
+        from peftcli.launch import is_main_process
+
         self.signum = signum
         name = signal.Signals(signum).name
-        print(
-            f"\n{name} received: finishing the current step and saving a checkpoint "
-            f"(send {name} again to exit at once; the last checkpoint is kept)",
-            file=sys.stderr,
-            flush=True,
-        )
-        # The next signal takes the default action: the process exits immediately.
-        signal.signal(signum, signal.SIG_DFL)
+        if is_main_process():
+            print(
+                f"\n{name} received: finishing the current step and saving a checkpoint "
+                f"(send it again to exit at once; the last checkpoint is kept)",
+                file=sys.stderr,
+                flush=True,
+            )
+        # The next signal, of either kind, takes the default action: the process exits immediately.
+        for handled in HANDLED:
+            signal.signal(handled, signal.SIG_DFL)
 
     def __enter__(self) -> GracefulStop:
         for signum in HANDLED:

@@ -7,7 +7,6 @@ before anything is written to `output.dir`.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import tempfile
 import time
@@ -21,6 +20,7 @@ from peftcli.data import PreparedData, prepare_data
 from peftcli.errors import Interrupted, UserError
 from peftcli.launch import is_main_process
 from peftcli.methods import Method, MethodContext, method_of
+from peftcli.preflight import check_environment
 from peftcli.recipe import Recipe, recipe_to_yaml
 from peftcli.rundir import (
     RECIPE,
@@ -34,7 +34,7 @@ from peftcli.rundir import (
 )
 from peftcli.training.settings import Settings
 from peftcli.training.settings import resolve as resolve_settings
-from peftcli.training.tracking import BEST, BEST_INFO, EvalTracker, check_loggers, loggers
+from peftcli.training.tracking import BEST, BEST_INFO, EvalTracker, loggers
 from peftcli.training.trainer import TokenCounter, build_trainer
 
 
@@ -90,32 +90,9 @@ def planned_steps(recipe: Recipe, train_rows: int) -> int:
 
 def preflight(recipe: Recipe, overwrite: bool, check_output: bool = True) -> None:
     """Every check that needs no weights: the output folder, the model folder, the environment."""
-    method = method_of(recipe.peft)
     if check_output:  # other processes of a multi-process run leave the folder to rank 0
         check_output_dir(Path(recipe.output.dir), overwrite)
-    modeling.check_model_source(recipe.model)
-    modeling.check_remote_code(recipe.model)
-    modeling.check_quantization(recipe.quantization)
-    check_loggers(recipe.training.report_to)
-    if recipe.training.early_stopping_patience is not None and modeling.sharded_launch():
-        raise UserError(
-            "training.early_stopping_patience is not supported under FSDP/DeepSpeed yet",
-            hint="use DDP (no --accelerate-config), or drop the patience",
-        )
-    if recipe.training.liger is True and importlib.util.find_spec("liger_kernel") is None:
-        raise UserError("training.liger: true needs liger-kernel", hint='pip install "peftcli[liger]" (GPU only)')
-    config = modeling.read_config(recipe.model)
-    context = config.get("max_position_embeddings")
-    if context and recipe.data.max_length > context:
-        raise UserError(
-            f"data.max_length {recipe.data.max_length} exceeds the model's context ({context} tokens)",
-            hint=f"set data.max_length to {context} or less",
-        )
-    if method.model_types is not None and config and config.get("model_type") not in method.model_types:
-        raise UserError(
-            f"peft.method '{method.name}' does not support model type '{config.get('model_type')}'",
-            hint=f"it supports: {', '.join(sorted(method.model_types))}",
-        )
+    check_environment(recipe)
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -133,7 +110,6 @@ def prepare(recipe: Recipe) -> Prepared:
     model = modeling.prepare_for_training(model, recipe.quantization, settings.gradient_checkpointing)
     scratch = tempfile.TemporaryDirectory(prefix="peftcli-")
     ctx = MethodContext(
-        model_config=model.config.to_dict(),
         tokenizer_path=recipe.model.tokenizer or recipe.model.name,
         total_steps=planned_steps(recipe, len(data.train)),
         scratch_dir=Path(scratch.name),
@@ -154,26 +130,18 @@ def describe_packing(trainer, prepared: Prepared) -> str:
     return f"packing: {len(prepared.data.train)} examples into {rows} padding-free rows; examples stay apart via {how}"
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def out_of_memory_error(recipe: Recipe, settings: Settings, step: int) -> UserError:
+def out_of_memory_error(recipe: Recipe, settings: Settings | None, step: int) -> UserError:
     t, quant = recipe.training, recipe.quantization
     knobs = [
         f"lower training.batch_size and raise training.gradient_accumulation (same effective batch of "
         f"{t.batch_size * t.gradient_accumulation})",
-        "set training.gradient_checkpointing: true" if not settings.gradient_checkpointing else None,
+        "set training.gradient_checkpointing: true" if not (settings and settings.gradient_checkpointing) else None,
         f"lower data.max_length ({recipe.data.max_length})",
         "quantize the base (quantization.bits: 4)" if quant is None else None,
     ]
+    where = f"at step {step}" if step else "while loading the model"
     return UserError(
-        f"out of memory at step {step} with training.batch_size {t.batch_size}, data.max_length "
+        f"out of memory {where} with training.batch_size {t.batch_size}, data.max_length "
         f"{recipe.data.max_length}, quantization {quant.describe() if quant else 'none'}",
         hint="; ".join(k for k in knobs if k) + ". Checkpoints saved so far are kept (resume with --resume).",
     )
@@ -200,15 +168,20 @@ def run_training(
     out, main = Path(recipe.output.dir), is_main_process()
     checkpoint = plan_resume(recipe, out, resume, force) if resume else None
     preflight(recipe, overwrite=overwrite or checkpoint is not None, check_output=main)
-    prepared = prepare(recipe)
+    try:
+        prepared = prepare(recipe)
+    except Exception as exc:
+        if modeling.is_out_of_memory(exc):  # the base itself does not fit: the most common OOM of all
+            raise out_of_memory_error(recipe, None, 0) from None
+        raise
 
     # The run directory is created only now: a recipe or data error leaves nothing behind.
     if main:
         if checkpoint is None:
             create_output_dir(out, overwrite)
         remove_staging(out)
-        if checkpoint is None or force:
-            atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
+        # After a resume too: the saved recipe must say what ran (cadence keys may have changed).
+        atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
     t = recipe.training
     stop = GracefulStop()
     tracker = EvalTracker(
@@ -224,7 +197,7 @@ def run_training(
         _report_data(prepared, trainer, recipe)
 
     runtime = _train(trainer, stop, checkpoint, recipe, prepared)
-    if stop.requested:
+    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
         _finish(recipe, prepared, trainer, runtime, None, status="interrupted")
         raise Interrupted(
             stop.signum,
@@ -241,8 +214,8 @@ def run_training(
             (out / BEST_INFO).unlink(missing_ok=True)  # metrics.json carries best_step / best_eval_loss
         eval_loss = tracker.best
     else:
+        eval_loss = _final_eval(trainer, prepared)
         _save_final(recipe, prepared, trainer, final, main)
-        eval_loss = trainer.evaluate()["eval_loss"] if prepared.data.eval else None  # every rank takes part
     extra = {
         "eval_history": [
             {"step": e["step"], "eval_loss": e["eval_loss"]}
@@ -253,6 +226,23 @@ def run_training(
         "adapter_is": "best" if t.early_stopping_patience is not None else "final",
     }
     return _finish(recipe, prepared, trainer, runtime, eval_loss, extra=extra)
+
+
+def _final_eval(trainer, prepared: Prepared) -> float | None:
+    """Eval loss of the final model (every process takes part). Training is done by now, so an OOM
+    here costs only this figure."""
+    if not prepared.data.eval:
+        return None
+    try:
+        return trainer.evaluate()["eval_loss"]
+    except Exception as exc:
+        if not modeling.is_out_of_memory(exc):
+            raise
+        cli_console.warn(
+            "the final eval ran out of memory; eval_loss is not reported (peftcli eval "
+            "--batch-size 1 computes it later)"
+        )
+        return None
 
 
 def _train(trainer, stop, checkpoint: Path | None, recipe: Recipe, prepared: Prepared) -> float:
@@ -266,28 +256,33 @@ def _train(trainer, stop, checkpoint: Path | None, recipe: Recipe, prepared: Pre
     started = time.perf_counter()
     with stop:
         try:
-            if checkpoint is not None and finished_training(checkpoint):
+            if checkpoint is not None and finished_training(checkpoint, recipe.training.max_steps):
                 if is_main_process():
                     cli_console.note(f"{checkpoint.name} is the last step: nothing left to train, writing the results")
                 load_final_checkpoint(trainer, checkpoint)
             else:
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except Exception as exc:
-            if not is_out_of_memory(exc):
+            if not modeling.is_out_of_memory(exc):
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            _finish(recipe, prepared, trainer, time.perf_counter() - started, None, status="out_of_memory")
+            # No cross-process aggregation here: another process may not have failed and would not answer.
+            _finish(
+                recipe, prepared, trainer, time.perf_counter() - started, None, status="out_of_memory", aggregate=False
+            )
             raise out_of_memory_error(recipe, prepared.settings, trainer.state.global_step + 1) from None
     return time.perf_counter() - started
 
 
-def _finish(recipe, prepared: Prepared, trainer, runtime, eval_loss, status="completed", extra=None) -> TrainOutcome:
+def _finish(
+    recipe, prepared: Prepared, trainer, runtime, eval_loss, status="completed", extra=None, aggregate=True
+) -> TrainOutcome:
     """Aggregate across processes, write metrics.json and report.md (rank 0), clean up."""
     tokens = trainer.token_counter
     peak = report.peak_memory_mb()
     trainable, total = modeling.count_params(prepared.model)
-    if trainer.args.world_size > 1:
+    if trainer.args.world_size > 1 and aggregate:
         tokens, peak = _aggregate(tokens, peak)
     outcome = TrainOutcome(
         recipe=recipe,

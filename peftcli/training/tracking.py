@@ -3,12 +3,10 @@ early stopping, and the loggers of `training.report_to` (TensorBoard into RUN/te
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from peftcli.errors import UserError
 from peftcli.rundir import atomic_dir, atomic_write_json
 
 BEST = "best-adapter"  # the best adapter so far (early stopping); becomes adapter/ at the end
@@ -64,19 +62,6 @@ class EvalTracker(TrainerCallback):
 
     def summary(self) -> dict:
         return {"best_step": self.best_step, "best_eval_loss": self.best, "stopped_early": self.stopped_early}
-
-
-LOGGER_PACKAGES = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
-
-
-def check_loggers(report_to: list[str]) -> None:
-    """A logger of `training.report_to` that is not installed is a user error, found before training."""
-    for name in report_to:
-        if importlib.util.find_spec(LOGGER_PACKAGES[name]) is None:
-            raise UserError(
-                f"training.report_to: {name} is not installed",
-                hint=f"pip install {LOGGER_PACKAGES[name]}, or remove it from training.report_to",
-            )
 
 
 def loggers(report_to: list[str], run_dir: Path) -> list:

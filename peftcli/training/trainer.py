@@ -107,8 +107,10 @@ def trainer_class():
         training batches, can fall back to the model's own loss, and writes no model card into the
         run directory (report.md is the run's card)."""
 
-        token_counter: TokenCounter
-        fused_loss: bool = True
+        def __init__(self, *args, token_counter: TokenCounter, fused_loss: bool, **kwargs):
+            self.token_counter = token_counter
+            self.fused_loss = fused_loss
+            super().__init__(*args, **kwargs)
 
         def create_model_card(self, *args, **kwargs):
             return None
@@ -135,10 +137,9 @@ def build_trainer(recipe: Recipe, prepared: Prepared, out: Path, callbacks: list
     from transformers.trainer_callback import PrinterCallback
 
     method, model = prepared.method, prepared.model
-    Trainer = trainer_class()
-    Trainer.token_counter = TokenCounter()
-    Trainer.fused_loss = method.fused_loss
-    trainer = Trainer(
+    trainer = trainer_class()(
+        token_counter=TokenCounter(),
+        fused_loss=method.fused_loss,
         model=model,
         args=sft_config(recipe, out, prepared.dtype, prepared.settings),
         train_dataset=as_dataset(prepared.data.train),
