@@ -115,16 +115,20 @@ def test_eval_and_merge_of_a_directory_that_is_not_a_run(cli, tmp_path):
     _assert_user_error(cli("merge", tmp_path, "--out", tmp_path / "m"), "not a peftcli run")
 
 
-def test_failed_training_leaves_no_adapter(cli, tmp_path, tiny_model, monkeypatch):
-    from trl import SFTTrainer
+def test_a_crash_while_saving_the_adapter_leaves_none(cli, tmp_path, tiny_model, monkeypatch):
+    from peft import PeftModel
 
-    def explode(self, *args, **kwargs):
-        raise RuntimeError("simulated crash mid-training")
+    real_save = PeftModel.save_pretrained
 
-    monkeypatch.setattr(SFTTrainer, "train", explode)
+    def half_then_crash(self, folder, *args, **kwargs):
+        real_save(self, folder, *args, **kwargs)
+        if "checkpoint" not in str(folder):  # the final adapter, not a checkpoint
+            raise OSError("disk full")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", half_then_crash)
     result = _train(cli, tmp_path, tiny_model)
-    assert result.code == 1 and "simulated crash" in result.err
-    assert not (tmp_path / "run" / "adapter").exists()
+    assert result.code == 1 and "disk full" in result.err
+    assert not (tmp_path / "run" / "adapter").exists()  # the written files stayed in the temporary sibling
     assert not list((tmp_path / "run").glob(".tmp-*"))
 
 

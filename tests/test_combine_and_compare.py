@@ -149,3 +149,18 @@ def test_compare_refuses_a_method_that_cannot_use_the_recipe(cli, tmp_path, tiny
     )
     assert result.code == 2 and "loha" in result.err and "quantized base" in result.err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_merge_and_compare_never_replace_what_they_did_not_write(two_runs, cli, tmp_path, tiny_model):
+    inside = cli("merge", two_runs[0], "--out", two_runs[0] / "merged", "--force")
+    assert inside.code == 2 and "overlaps the run" in inside.err
+    onto = cli("merge", two_runs[0], "--out", two_runs[0], "--force")
+    assert onto.code == 2 and (two_runs[0] / "adapter").is_dir()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    refused = cli("merge", two_runs[0], "--out", other, "--force")
+    assert refused.code == 2 and "holds something else" in refused.err and (other / "keep.txt").exists()
+    recipe = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run"))
+    compared = cli("compare", recipe, "--methods", "lora", "--out", other, "--overwrite")
+    assert compared.code == 2 and (other / "keep.txt").exists()

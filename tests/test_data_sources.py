@@ -145,3 +145,36 @@ def test_mixing_weights_are_honoured(tmp_path, tokenizer):
     assert abs(counts["a.jsonl"] - 150) <= 2 and abs(counts["b.jsonl"] - 50) <= 2
     # source a had to repeat rows to reach its share; source b was sampled without repetition
     assert len({i.origin for i in prepared.train if i.origin.startswith("b.jsonl")}) == counts["b.jsonl"]
+
+
+def test_eval_split_never_sees_a_repeated_training_row(tmp_path, tokenizer):
+    """Weighted mixing repeats rows of a small source; the eval split is taken before that."""
+    small = [{"prompt": f"small {i}", "completion": " x"} for i in range(3)]
+    big = [{"prompt": f"big {i}", "completion": " y"} for i in range(37)]
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in small))
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in big))
+    section = DataSection(
+        train=[
+            {"path": str(tmp_path / "small.jsonl"), "weight": 1},
+            {"path": str(tmp_path / "big.jsonl"), "weight": 1},
+        ],
+        eval_split=0.3,
+    )
+    prepared = prepare_data(section, tokenizer, seed=0)
+    trained = {item.origin for item in prepared.train}
+    evaluated = {item.origin for item in prepared.eval}
+    assert evaluated and not trained & evaluated
+    assert len(prepared.train) > len(trained)  # the small source was repeated in the mix
+
+
+def test_a_source_whose_rows_are_all_bad_is_a_user_error(tmp_path, tokenizer):
+    from peftcli.errors import UserError
+
+    (tmp_path / "good.jsonl").write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": 5}\n{"prompt": "b", "completion": ""}\n')
+    section = DataSection(
+        train=[{"path": str(tmp_path / "good.jsonl"), "weight": 1}, {"path": str(tmp_path / "bad.jsonl"), "weight": 3}],
+        bad_rows="skip",
+    )
+    with pytest.raises(UserError, match=r"data.train\[1\]: every row of .*bad.jsonl was skipped"):
+        prepare_data(section, tokenizer, seed=0)

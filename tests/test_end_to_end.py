@@ -25,7 +25,7 @@ def trained_run(tmp_path_factory, tiny_model):
 def test_run_directory_follows_the_contract(trained_run):
     names = {p.name for p in trained_run.iterdir()}
     assert {"adapter", "recipe.yaml", "metrics.json", "report.md", "loss.png"} <= names
-    assert {"checkpoint-6", "checkpoint-30"} & names  # checkpoints are kept (save_total_limit 3)
+    assert {"checkpoint-24", "checkpoint-30"} <= names and "checkpoint-6" not in names  # save_total_limit 3
     assert not [n for n in names if n.startswith(".tmp-")]
     metrics = read_json(trained_run / "metrics.json")
     for key in (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_recipe, trained_pieces, write_recipe
+from conftest import DEMO_TRAIN, base_recipe, trained_pieces, write_recipe
 
 from peftcli.data import IGNORE, prepare_data
 from peftcli.errors import UserError
@@ -170,22 +170,25 @@ def test_skipped_rows_are_reported_by_train(tmp_path, tiny_model, cli):
 
 
 def test_preview_json_matches_what_the_trainer_receives(tmp_path, tiny_model, cli):
+    """Every row of a collated training batch (after TRL's preparation, shuffling and padding) is a
+    row of the preview, with the same labels."""
     from peftcli.recipe import load_recipe
     from peftcli.training.stage import prepare
     from peftcli.training.trainer import build_trainer
 
     path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run"))
-    result = cli("data", "preview", path, "--rows", "5", "--json")
+    result = cli("data", "preview", path, "--rows", "1000", "--json")
     assert result.code == 0, result.err
-    previewed = [json.loads(line) for line in result.out.splitlines()]
-    assert len(previewed) == 5
+    previewed = {tuple(row["input_ids"]): row["labels"] for row in map(json.loads, result.out.splitlines())}
+    assert len(previewed) > 400
 
     recipe = load_recipe(path)
-    prepared = prepare(recipe)
-    trainer = build_trainer(recipe, prepared, tmp_path / "run", callbacks=[])
-    for row, given in zip(previewed, trainer.train_dataset):
-        assert row["input_ids"] == given["input_ids"] and row["labels"] == given["labels"]
-        assert row["text"] == prepared.tokenizer.decode(given["input_ids"])
+    trainer = build_trainer(recipe, prepare(recipe), tmp_path / "run", callbacks=[])
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        n = int(mask.sum())
+        assert previewed[tuple(ids[:n].tolist())] == labels[:n].tolist()
+        assert (labels[n:] == IGNORE).all()  # padding carries no loss
 
 
 def test_preview_shows_trained_tokens_and_stats(tmp_path, tiny_model, cli):
@@ -193,4 +196,5 @@ def test_preview_shows_trained_tokens_and_stats(tmp_path, tiny_model, cli):
     result = cli("data", "preview", path, "--rows", "1")
     assert result.code == 0, result.err
     assert "<|im_end|>⟧" in result.out and "trained tokens" in result.out
-    assert "padding" in result.out and "488" in result.out
+    rows = len(DEMO_TRAIN.read_text().splitlines())
+    assert "padding" in result.out and f"{rows:,}" in result.out

@@ -238,3 +238,60 @@ def test_bench_data_spreads_like_chat(tmp_path):
     rows = bench.synthetic_rows(400, max_length=512)
     lengths = sorted(len(r["messages"][1]["content"].split()) for r in rows)
     assert lengths[len(lengths) // 2] < 200 and lengths[-1] > 2 * lengths[len(lengths) // 2]  # long tail
+
+
+def test_mfu_counts_4bit_weights_at_their_real_number(tiny_model):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peftcli.hardware import matmul_params
+
+    full = AutoModelForCausalLM.from_pretrained(tiny_model)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tiny_model,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        dtype=torch.float32,
+    )
+    assert matmul_params(quantized) == matmul_params(full)
+
+
+def test_ddp_interrupt_and_resume(tmp_path, tiny_model):
+    """SIGTERM to the launcher: every process stops after the same step, one checkpoint, exit 143;
+    --resume with the same processes finishes the run."""
+    import os
+    import signal
+
+    recipe = base_recipe(
+        tiny_model, tmp_path / "run", training={"max_steps": 120, "batch_size": 8, "save_steps": 10000}
+    )
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "peftcli", "train", str(path), "--num-processes", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and "training: step" not in process.stderr.readline():
+        pass
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert err.count("interrupted: stopped after step") == 1 and "Traceback" not in err
+    checkpoints = list((tmp_path / "run").glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    assert {p.name for p in checkpoints[0].glob("rng_state_*.safetensors")} == {
+        "rng_state_0.safetensors",
+        "rng_state_1.safetensors",
+    }
+    step = read_json(tmp_path / "run" / "metrics.json")["steps"]
+    assert checkpoints[0].name == f"checkpoint-{step}"
+    assert step < 120
+    resumed = subprocess.run(
+        [sys.executable, "-m", "peftcli", "train", str(path), "--num-processes", "2", "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_json(tmp_path / "run" / "metrics.json")["steps"] == 120

@@ -158,3 +158,28 @@ def test_validate_command(cli, tmp_path, tiny_model):
     assert result.code == 2
     assert len(result.error_lines) == 1 and "training.lr" in result.error_lines[0]
     assert "Traceback" not in result.err
+
+
+def test_a_saved_recipe_takes_overrides_like_the_original(tmp_path):
+    """Unset keys stay unset in the resolved recipe, so it can be re-run with other values."""
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL + "quantization:\n  bits: 4\n", encoding="utf-8")
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(recipe_to_yaml(load_recipe(path, cwd=tmp_path)), encoding="utf-8")
+    again = load_recipe(resolved, ["training.max_steps=50", "quantization.bits=8"], cwd=tmp_path)
+    assert again.training.max_steps == 50 and again.quantization.bits == 8
+    assert again.quantization.describe() == "8-bit"
+
+
+def test_relative_paths_never_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    """A model folder next to where the user stands must not be picked up by a recipe elsewhere."""
+    (tmp_path / "cwd" / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "recipes").mkdir()
+    path = tmp_path / "recipes" / "r.yaml"
+    path.write_text("model:\n  name: models/tiny\ndata:\n  train: data/x.jsonl\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "cwd")
+    recipe = load_recipe(path)
+    assert recipe.model.name == "models/tiny"  # a hub id, not ./models/tiny of the working directory
+    assert recipe.data.train[0].path == str(tmp_path / "recipes" / "data" / "x.jsonl")
+    (tmp_path / "recipes" / "models" / "tiny").mkdir(parents=True)
+    assert load_recipe(path).model.name == str(tmp_path / "recipes" / "models" / "tiny")
