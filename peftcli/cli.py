@@ -243,10 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     except ReportedError as exc:
         if _debug():
             raise
-        from peftcli.launch import is_main_process
+        from peftcli.launch import is_main_process, rank_prefix
 
-        if is_main_process():  # in a multi-process run every rank raises the same error: say it once
-            _print_error(exc.message, exc.hint, exc.label)
+        # In a multi-process run most errors happen on every rank alike: rank 0 says it. Errors one
+        # rank may hit alone (out of memory) are said by that rank.
+        if is_main_process() or exc.per_rank:
+            _print_error((rank_prefix() if exc.per_rank else "") + exc.message, exc.hint, exc.label)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -268,8 +270,10 @@ def main(argv: list[str] | None = None) -> None:
                     "use a smaller --batch-size, --dtype bfloat16, a quantized base, or a machine with more memory",
                 )
                 sys.exit(EXIT_USER)
+        from peftcli.launch import rank_prefix
+
         _print_error(
-            f"unexpected {exc.__class__.__name__}: {exc}",
+            f"{rank_prefix()}unexpected {exc.__class__.__name__}: {exc}",
             "this is a bug in peftcli; rerun with PEFTCLI_DEBUG=1 for the traceback and report it",
         )
         sys.exit(EXIT_BUG)

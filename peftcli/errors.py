@@ -15,6 +15,7 @@ class ReportedError(Exception):
 
     exit_code = EXIT_BUG
     label = "error"
+    per_rank = False  # in a multi-process run: said by the rank that hit it, not only by rank 0
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)

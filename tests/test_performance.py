@@ -179,15 +179,21 @@ def test_metrics_carry_throughput_and_utilisation(tmp_path, tiny_model):
 
 def test_launcher_environments_and_commands(monkeypatch):
     from peftcli.errors import UserError
-    from peftcli.launch import accelerate_command, process_environments
+    from peftcli.launch import accelerate_command, process_environments, visible_gpus
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     envs = process_environments(2, gpus=0)
     assert [e["RANK"] for e in envs] == ["0", "1"] and [e["LOCAL_RANK"] for e in envs] == ["0", "1"]
     assert {e["WORLD_SIZE"] for e in envs} == {"2"} and len({e["MASTER_PORT"] for e in envs}) == 1
     assert int(envs[0]["OMP_NUM_THREADS"]) >= 1  # CPU cores shared, not oversubscribed
-    with pytest.raises(UserError, match="2 GPU"):
+    with pytest.raises(UserError, match="has 2 usable GPU"):
         process_environments(4, gpus=2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")  # a job given 2 of the machine's 8 GPUs
+    assert visible_gpus(8) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus(8) == 0
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpus(8) == 8
     fsdp = accelerate_command(["train", "r.yaml"], 2, Path("recipes/accelerate/fsdp.yaml"))
     assert fsdp[fsdp.index("--config_file") + 1] == "recipes/accelerate/fsdp.yaml"
     assert fsdp[fsdp.index("--num_processes") + 1] == "2" and fsdp[-3:] == ["peftcli", "train", "r.yaml"]
@@ -284,8 +290,9 @@ def test_ddp_interrupt_and_resume(tmp_path, tiny_model):
         "rng_state_0.safetensors",
         "rng_state_1.safetensors",
     }
-    step = read_json(tmp_path / "run" / "metrics.json")["steps"]
-    assert checkpoints[0].name == f"checkpoint-{step}"
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    step = metrics["steps"]
+    assert metrics["status"] == "interrupted" and checkpoints[0].name == f"checkpoint-{step}"
     assert step < 120
     resumed = subprocess.run(
         [sys.executable, "-m", "peftcli", "train", str(path), "--num-processes", "2", "--resume"],

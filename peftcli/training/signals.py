@@ -39,9 +39,18 @@ class GracefulStop(TrainerCallback):
         for handled in HANDLED:
             signal.signal(handled, signal.SIG_DFL)
 
+    def _handle_launcher(self, signum, frame):
+        """The launcher's stop request (launch.py). A scheduler may also have signalled this process
+        directly: both are one request, so this never counts as the second signal."""
+        if self.signum is None:
+            self._handle(signal.SIGTERM, frame)
+
     def __enter__(self) -> GracefulStop:
+        from peftcli.launch import STOP_SIGNAL
+
         for signum in HANDLED:
             self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous[STOP_SIGNAL] = signal.signal(STOP_SIGNAL, self._handle_launcher)
         return self
 
     def __exit__(self, *exc) -> None:

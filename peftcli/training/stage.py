@@ -17,7 +17,7 @@ from typing import Any
 from peftcli import console as cli_console
 from peftcli import hardware, modeling, report
 from peftcli.data import PreparedData, prepare_data
-from peftcli.errors import Interrupted, UserError
+from peftcli.errors import CheckFailed, Interrupted, UserError
 from peftcli.launch import is_main_process
 from peftcli.methods import Method, MethodContext, method_of
 from peftcli.preflight import check_environment
@@ -140,11 +140,13 @@ def out_of_memory_error(recipe: Recipe, settings: Settings | None, step: int) ->
         "quantize the base (quantization.bits: 4)" if quant is None else None,
     ]
     where = f"at step {step}" if step else "while loading the model"
-    return UserError(
+    error = UserError(
         f"out of memory {where} with training.batch_size {t.batch_size}, data.max_length "
         f"{recipe.data.max_length}, quantization {quant.describe() if quant else 'none'}",
         hint="; ".join(k for k in knobs if k) + ". Checkpoints saved so far are kept (resume with --resume).",
     )
+    error.per_rank = True  # one process of several may run out alone
+    return error
 
 
 def run_training(
@@ -208,7 +210,8 @@ def run_training(
     # The adapter (or full model) + tokenizer with its chat template, atomically. With early
     # stopping it is the best one evaluated (saved by the tracker when it was seen).
     final = artifact_dir(out, prepared.method)
-    if t.early_stopping_patience is not None and (out / BEST).is_dir():
+    # (decided from the tracker, which every process shares, not from the folder rank 0 is moving)
+    if t.early_stopping_patience is not None and tracker.best_step is not None:
         if main:
             replace_dir(out / BEST, final)
             (out / BEST_INFO).unlink(missing_ok=True)  # metrics.json carries best_step / best_eval_loss
@@ -238,10 +241,11 @@ def _final_eval(trainer, prepared: Prepared) -> float | None:
     except Exception as exc:
         if not modeling.is_out_of_memory(exc):
             raise
-        cli_console.warn(
-            "the final eval ran out of memory; eval_loss is not reported (peftcli eval "
-            "--batch-size 1 computes it later)"
-        )
+        if is_main_process():
+            cli_console.warn(
+                "the final eval ran out of memory; eval_loss is not reported (peftcli eval "
+                "--batch-size 1 computes it later)"
+            )
         return None
 
 
@@ -335,9 +339,18 @@ def save_artifact(recipe: Recipe, prepared: Prepared, model, folder: Path) -> No
 def _save_final(recipe: Recipe, prepared: Prepared, trainer, final: Path, main: bool) -> None:
     if modeling.sharded_launch():
         # FSDP/ZeRO-3 shard the weights: every process takes part while the trainer gathers them.
+        # A sharded state dict (the shipped FSDP configs) makes save_model write nothing: gather.
+        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None:
+            plugin.set_state_dict_type("FULL_STATE_DICT")
         staging = final.with_name(f"{TMP_PREFIX}{final.name}-gathered")
         trainer.save_model(str(staging))
         if main:
+            if not any(staging.glob("*.safetensors")):
+                raise CheckFailed(
+                    f"the gathered {final.name} has no weights; the checkpoints are intact",
+                    hint="convert the last checkpoint with accelerate's merge-weights tool",
+                )
             prepared.tokenizer.save_pretrained(staging)
             replace_dir(staging, final)
     elif main:
