@@ -17,7 +17,16 @@ from pathlib import Path
 
 from peftcli import console, modeling
 from peftcli.errors import CheckFailed, UserError
-from peftcli.merge import check_out_dir, compare, logits, model_card, output_dtype, probe_batch, save_verified
+from peftcli.merge import (
+    check_out_dir,
+    compare,
+    logits,
+    model_card,
+    output_dtype,
+    probe_batch,
+    save_verified,
+    write_marker,
+)
 from peftcli.rundir import atomic_dir, open_run
 
 COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -177,4 +186,5 @@ def _save_adapter(model, tokenizer, probe, expected, out: Path, recipe, dtype_na
             ),
             encoding="utf-8",
         )
+        write_marker(tmp, "combined-adapter", max_diff)
     return max_diff, tolerance

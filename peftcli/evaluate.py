@@ -188,6 +188,24 @@ def generation_eval(models: EvalModels, examples, options: GenerateOptions, seed
     return summary, rows
 
 
+def _eval_data(recipe, tokenizer, eval_only, detect: bool):
+    """Prepare the eval examples; another file (--data) gets its format detected from its own columns.
+
+    If detection fails, the file is probably in the run's own custom schema: fall back to the run's
+    format and column mapping; if that fails too, the detection error is the one to show."""
+    section = recipe.data
+    if not detect:
+        return prepare_data(section, tokenizer, recipe.training.seed, eval_only=eval_only)
+    try:
+        auto = section.model_copy(update={"format": "auto", "columns": {}})
+        return prepare_data(auto, tokenizer, recipe.training.seed, eval_only=eval_only)
+    except UserError as detection_error:
+        try:
+            return prepare_data(section, tokenizer, recipe.training.seed, eval_only=eval_only)
+        except UserError:
+            raise detection_error from None
+
+
 def run_eval(
     run_path: Path,
     data_path: Path | None = None,
@@ -211,10 +229,7 @@ def run_eval(
     reference = reference or recipe.eval.reference
 
     models = EvalModels(run, recipe)
-    section = recipe.data
-    if data_path is not None:  # another file: its own format, detected from its columns
-        section = section.model_copy(update={"format": "auto", "columns": {}})
-    data = prepare_data(section, models.tokenizer, recipe.training.seed, eval_only=eval_only)
+    data = _eval_data(recipe, models.tokenizer, eval_only, detect=data_path is not None)
     scores = models.score_both(data.eval, batch_size, "eval data")
     result = {
         "run": str(run.path),

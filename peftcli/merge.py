@@ -17,7 +17,7 @@ from peftcli.errors import CheckFailed, UserError
 from peftcli.methods import method_of
 from peftcli.methods.lora import merge_base_is_dequantized
 from peftcli.recipe import recipe_to_yaml
-from peftcli.rundir import atomic_dir, check_replaceable, open_run
+from peftcli.rundir import MARKER, atomic_dir, atomic_write_json, check_replaceable, open_run
 from peftcli.secrets import redact
 
 # Max |merged - adapter| logit difference, relative to the largest |logit| (at least 1).
@@ -32,7 +32,14 @@ PROBE_TEXTS = (
 def check_out_dir(out: Path, force: bool, runs=()) -> None:
     """--out must be new, empty, or (with --force) an earlier merge's output; never part of a run."""
     for run in runs or [None]:
-        check_replaceable(out, force, "--out", "README.md", protect=run)
+        check_replaceable(out, force, "--out", MARKER, protect=run)
+
+
+def write_marker(folder: Path, kind: str, max_diff: float) -> None:
+    """What this folder is, for people and for a later `--force` (which replaces only peftcli output)."""
+    from peftcli import __version__
+
+    atomic_write_json(folder / MARKER, {"kind": kind, "peftcli": __version__, "max_logit_diff": max_diff})
 
 
 def probe_batch(tokenizer, device):
@@ -114,6 +121,7 @@ def save_verified(merged, tokenizer, probe, expected, out: Path, torch_dtype, ca
             f"Verified after saving: max |merged - adapter| logit difference on a probe batch = {max_diff:.3g}.\n"
         )
         (tmp / "README.md").write_text(redact(card + "\n" + verified), encoding="utf-8")
+        write_marker(tmp, "merged-model", max_diff)
     return max_diff, tolerance
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from peftcli.errors import UserError
 
 ADAPTER = "adapter"
@@ -62,10 +64,19 @@ def atomic_save_figure(fig, path: Path) -> None:
     """Write a matplotlib figure as PNG through a temporary sibling, then close it."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + "-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
@@ -151,16 +162,29 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+IGNORED = {".DS_Store", ".gitkeep", "Thumbs.db"}  # a folder holding only these counts as empty
+MARKER = "peftcli.json"  # written into merge/combine outputs: what `--force` may replace
+
+
+def has_content(path: Path) -> bool:
+    return path.is_dir() and any(entry.name not in IGNORED for entry in path.iterdir())
+
+
 def is_run_dir(path: Path) -> bool:
-    """Whether a folder was written by `peftcli train` (the only kind --overwrite may delete)."""
-    return (path / RECIPE).is_file() or any(path.glob("checkpoint-*")) or (path / ADAPTER).is_dir()
+    """Whether a folder is a run written by `peftcli train` (the only kind --overwrite may delete):
+    its recipe.yaml names this very folder as output.dir."""
+    try:
+        saved = yaml.safe_load((path / RECIPE).read_text(encoding="utf-8"))
+        return Path(saved["output"]["dir"]).resolve() == path.resolve()
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
     """Refuse to mix a new run into an existing one unless the user says so. Writes nothing."""
     if path.exists() and not path.is_dir():
         raise UserError(f"output.dir: {path} exists and is a file")
-    if path.is_dir() and any(path.iterdir()):
+    if has_content(path):
         if not is_run_dir(path):
             # Never offer to delete a folder peftcli did not write (a typo could point at ~ or the data).
             raise UserError(
@@ -199,7 +223,7 @@ def check_replaceable(
             raise UserError(f"{what} {out} overlaps the run {protect}", hint="write to a folder outside the run")
     if out.exists() and not out.is_dir():
         raise UserError(f"{what} {out} is a file")
-    if out.is_dir() and any(out.iterdir()):
+    if has_content(out):
         if is_run_dir(out) or not (out / marker).exists():
             raise UserError(
                 f"{what} {out} is not empty and holds something else",
@@ -211,7 +235,7 @@ def check_replaceable(
 
 def create_output_dir(path: Path, overwrite: bool) -> None:
     check_output_dir(path, overwrite)
-    if path.is_dir() and overwrite:
+    if has_content(path) and overwrite:  # a run (check_output_dir made sure)
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

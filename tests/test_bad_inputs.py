@@ -96,7 +96,7 @@ def _file_then(tmp: Path) -> Path:
 
 def _existing_run(tmp: Path) -> Path:
     (tmp / "run" / "checkpoint-4").mkdir(parents=True)
-    (tmp / "run" / "recipe.yaml").write_text("model: {name: x}\n")
+    (tmp / "run" / "recipe.yaml").write_text(f"output: {{dir: {tmp / 'run'}}}\n")  # a run names its own folder
     return tmp / "run"
 
 

@@ -96,18 +96,24 @@ def test_quantization_without_usable_bitsandbytes(cli, tmp_path, tiny_model, mon
 
 
 def test_existing_run_needs_overwrite(cli, tmp_path, tiny_model):
-    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
-    (tmp_path / "run" / "keep.txt").write_text("x")
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "keep.txt").write_text("x")
+    (run / "recipe.yaml").write_text(f"output: {{dir: {run}}}\n")
     result = _train(cli, tmp_path, tiny_model)
     _assert_user_error(result, "already holds a run that did not finish")
     assert "you probably want --resume" in result.err
-    (tmp_path / "run" / "checkpoint-2").rmdir()  # a folder peftcli did not write is never offered for deletion
-    for flags in ([], ["--overwrite"]):
-        refused = cli("train", tmp_path / "recipe.yaml", *flags)
-        _assert_user_error(refused, "is not empty and is not a peftcli run")
-        assert "--overwrite" not in refused.err
-    assert (tmp_path / "run" / "keep.txt").exists()
-    assert (tmp_path / "run" / "keep.txt").exists()
+    # A folder peftcli did not write is never offered for deletion: no recipe.yaml, or one that names
+    # another folder (a copied run), or checkpoint-like folders alone.
+    for marker in (None, f"output: {{dir: {tmp_path / 'elsewhere'}}}\n"):
+        (run / "recipe.yaml").unlink(missing_ok=True)
+        if marker:
+            (run / "recipe.yaml").write_text(marker)
+        for flags in ([], ["--overwrite"]):
+            refused = cli("train", tmp_path / "recipe.yaml", *flags)
+            _assert_user_error(refused, "is not empty and is not a peftcli run")
+            assert "--overwrite" not in refused.err
+    assert (run / "keep.txt").exists() and (run / "checkpoint-2").is_dir()
 
 
 def test_eval_and_merge_of_a_directory_that_is_not_a_run(cli, tmp_path):

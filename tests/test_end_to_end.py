@@ -99,6 +99,25 @@ def test_eval_with_other_data(trained_run, cli, tmp_path):
     assert read_json(trained_run / "eval.json")["examples"] == 1
 
 
+def test_eval_data_in_the_runs_own_column_schema(trained_run, cli, tmp_path):
+    """--data detects a file's format; a file in the run's custom columns (undetectable) still works."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    saved["data"].update(format="alpaca", columns={"instruction": "question", "output": "answer"})
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "What follows Monday?", "answer": "Tuesday"}\n' * 3, encoding="utf-8")
+    result = cli("eval", run, "--data", data)
+    assert result.code == 0, result.err
+    assert read_json(run / "eval.json")["examples"] == 3
+    data.write_text('{"q": "What follows Monday?", "a": "Tuesday"}\n', encoding="utf-8")
+    neither = cli("eval", run, "--data", data)  # the detection error is the one that helps
+    assert neither.code == 2 and "['a', 'q']" in neither.err
+
+
 def test_merge_matches_adapter_and_loads_in_plain_transformers(trained_run, tiny_model, cli, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,3 +140,7 @@ def test_merge_matches_adapter_and_loads_in_plain_transformers(trained_run, tiny
 
     again = cli("merge", trained_run, "--out", out)
     assert again.code == 2 and "--force" in again.err
+    assert cli("merge", trained_run, "--out", out, "--force").code == 0  # its own output: replaced
+    (out / "peftcli.json").unlink()  # a model folder peftcli did not write (or no longer recognises)
+    foreign = cli("merge", trained_run, "--out", out, "--force")
+    assert foreign.code == 2 and "holds something else" in foreign.err and (out / "config.json").exists()

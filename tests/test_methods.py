@@ -238,6 +238,9 @@ def test_loftq_needs_a_4bit_base_and_cuda(tmp_path, tiny_model, cli):
     if not torch.cuda.is_available():
         assert result.code == 2 and "runs on a CUDA GPU only" in result.err
         assert not (tmp_path / "run").exists()
+    recipe["model"] = {"name": "org/model", "revision": "v2"}  # LoftQ would read another revision's weights
+    result = cli("validate", write_recipe(tmp_path / "c.yaml", recipe))
+    assert result.code == 2 and "model.revision" in result.err
 
 
 def test_loftq_runs_merge_into_the_dequantized_base(tmp_path, tiny_model, cli):

@@ -178,8 +178,13 @@ def test_relative_paths_never_resolve_against_the_working_directory(tmp_path, mo
     path = tmp_path / "recipes" / "r.yaml"
     path.write_text("model:\n  name: models/tiny\ndata:\n  train: data/x.jsonl\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path / "cwd")
+    # transformers would load ./models/tiny of the working directory for the "hub id" models/tiny
+    with pytest.raises(UserError, match="model.name: 'models/tiny' is not next to the recipe"):
+        load_recipe(path)
+    monkeypatch.chdir(tmp_path)
     recipe = load_recipe(path)
-    assert recipe.model.name == "models/tiny"  # a hub id, not ./models/tiny of the working directory
+    assert recipe.model.name == "models/tiny"  # nothing of that name here: a hub id
     assert recipe.data.train[0].path == str(tmp_path / "recipes" / "data" / "x.jsonl")
+    monkeypatch.chdir(tmp_path / "cwd")
     (tmp_path / "recipes" / "models" / "tiny").mkdir(parents=True)
     assert load_recipe(path).model.name == str(tmp_path / "recipes" / "models" / "tiny")

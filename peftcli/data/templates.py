@@ -14,8 +14,9 @@ from pathlib import Path
 from peftcli import console
 from peftcli.data.formats import BadRowError
 from peftcli.errors import UserError
+from peftcli.recipe.schema import BUILTIN_TEMPLATES
 
-BUILTIN = ("chatml", "llama3", "mistral")
+BUILTIN = BUILTIN_TEMPLATES
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,13 @@ class LoraSpec(MethodSpec):
             raise ValueError(
                 "peft.init: loftq fits the adapter to the quantization error of a 4-bit base; set quantization.bits: 4"
             )
+        if self.init == "loftq" and recipe.model.revision is not None:
+            # replace_lora_weights_loftq reads the full-precision shards by model name alone, so a pinned
+            # revision would fit the adapter to another revision's weights.
+            raise ValueError(
+                "peft.init: loftq reads the base weights without model.revision; download that revision "
+                "and point model.name at the local folder instead"
+            )
 
 
 def _lora_extra(spec: LoraSpec, model, ctx: MethodContext) -> dict:

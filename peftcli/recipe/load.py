@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from peftcli.errors import UserError
-from peftcli.recipe.schema import Recipe
+from peftcli.recipe.schema import BUILTIN_TEMPLATES, Recipe
 from peftcli.secrets import redact
 
 # Suffixes that mark a string as a local file even when it does not exist (so the user gets
@@ -141,14 +141,14 @@ def apply_overrides(raw: RawRecipe, overrides: list[str], cwd: Path) -> None:
 
 # A hub id: "name" or "org/name" (letters, digits, '-', '_', '.'), nothing more.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_BUILTIN_TEMPLATES = ("auto", "chatml", "llama3", "mistral")
 
 
-def _localize(value: Any, base: Path, always: bool = False) -> Any:
+def _localize(value: Any, base: Path, always: bool = False, key: str = "") -> Any:
     """Make a local path absolute (against `base`); leave hub ids ("org/name") alone.
 
-    After this, every local path in a recipe is absolute, and anything relative is a hub id: the
-    rest of the code never looks a relative path up in the current directory."""
+    After this, every local path in a recipe is absolute and anything relative is a hub id. The
+    libraries look a relative id up in the working directory first, so a name that is not next to
+    the recipe but is in the working directory is refused instead of loaded from there."""
     if not isinstance(value, str) or not value:
         return value
     expanded = os.path.expanduser(value)
@@ -160,15 +160,21 @@ def _localize(value: Any, base: Path, always: bool = False) -> Any:
     looks_local = always or value.startswith((".", "~")) or value.endswith(_LOCAL_SUFFIXES)
     if looks_local or any(ch in value for ch in "*?[") or not _HUB_ID.match(value):
         return os.path.normpath(str(candidate))  # reported as "not found" where it is used
+    if Path.cwd().resolve() != base.resolve() and Path(value).exists():
+        raise UserError(
+            f"{key or 'a path'}: '{value}' is not next to the recipe (no {candidate}), but the current directory "
+            "has one",
+            hint="write the path relative to the recipe file, or absolute (a hub id would be looked up there too)",
+        )
     return value
 
 
-def _localize_sources(value: Any, base: Path) -> Any:
+def _localize_sources(value: Any, base: Path, key: str) -> Any:
     if isinstance(value, list):
-        return [_localize_sources(item, base) for item in value]
+        return [_localize_sources(item, base, key) for item in value]
     if isinstance(value, dict) and "path" in value:
-        return {**value, "path": _localize(value["path"], base)}
-    return _localize(value, base)
+        return {**value, "path": _localize(value["path"], base, key=key)}
+    return _localize(value, base, key=key)
 
 
 def _resolve_paths_at(parts: tuple[str, ...], value: Any, base: Path) -> Any:
@@ -177,10 +183,10 @@ def _resolve_paths_at(parts: tuple[str, ...], value: Any, base: Path) -> Any:
         return {k: _resolve_paths_at((parts[0], k), v, base) for k, v in value.items()}
     key = ".".join(parts)
     if key in ("model.name", "model.tokenizer"):
-        return _localize(value, base)
+        return _localize(value, base, key=key)
     if key in ("data.train", "data.eval"):
-        return _localize_sources(value, base)
-    if key == "data.chat_template" and isinstance(value, str) and value not in _BUILTIN_TEMPLATES:
+        return _localize_sources(value, base, key)
+    if key == "data.chat_template" and isinstance(value, str) and value not in ("auto", *BUILTIN_TEMPLATES):
         return _localize(value, base, always=True)
     if key in ("output.dir", "eval.reference"):
         return _localize(value, base, always=True)

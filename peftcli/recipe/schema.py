@@ -17,6 +17,7 @@ from peftcli.methods.lora import LoraSpec
 from peftcli.spec import OpenFraction, PositiveFloat, PositiveInt, Probability, Strict
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
+BUILTIN_TEMPLATES = ("chatml", "llama3", "mistral")  # data.chat_template names; anything else is a file
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 
 

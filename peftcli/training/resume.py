@@ -43,9 +43,22 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+def _effective(flat: dict[str, Any]) -> dict[str, Any]:
+    """Unset keys as the values they stand for (older runs saved them filled in)."""
+    out = dict(flat)
+    if out.get("training.max_steps") is None and out.get("training.epochs") is None:
+        out["training.epochs"] = 1.0
+    if out.get("quantization.bits") == 4:
+        out["quantization.quant_type"] = out.get("quantization.quant_type") or "nf4"
+        out["quantization.double_quant"] = (
+            True if out.get("quantization.double_quant") is None else out["quantization.double_quant"]
+        )
+    return out
+
+
 def changed_keys(saved: dict, current: dict) -> list[str]:
     """Training-relevant keys whose values differ between two resolved recipes."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = _effective(_flatten(saved)), _effective(_flatten(current))
     keys = sorted(set(old) | set(new))
     relevant = [k for k in keys if not any(k == p or k.startswith(p + ".") for p in NOT_TRAINING_RELEVANT)]
     return [k for k in relevant if old.get(k) != new.get(k)]
