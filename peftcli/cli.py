@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import click
 
+    from peftcli.launch import install_stop_recorder
+
+    install_stop_recorder()  # first thing: a process of --num-processes must not die of a stop request
     # bitsandbytes logs a harmless "failed to load CPU kernel" line at import; keep it out of every command.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not _debug():

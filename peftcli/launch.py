@@ -22,8 +22,12 @@ from typing import NoReturn
 from peftcli.errors import UserError
 
 STOP_SIGNAL = signal.SIGUSR1  # "stop after this step and save", from this launcher to its processes
-FAILURE_GRACE_S = 10  # after one process fails, the others may end on their own (same error) first
-GRACE_S = 60  # then how long they may take to stop before they are killed
+LAUNCHED = "PEFTCLI_LAUNCHED"  # set in the processes spawn() starts
+INTERRUPTED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a process that stopped as asked
+FAILURE_GRACE_S = 10.0  # after one process fails, the others may end on their own (same error) first
+GRACE_S = 60.0  # then how long they may take to stop before they are killed
+
+_stop_requested = False
 
 
 def world_size() -> int:
@@ -61,11 +65,17 @@ def _free_port() -> int:
 
 
 def visible_gpus(detected: int) -> int:
-    """GPUs this launch may use: CUDA_VISIBLE_DEVICES narrows what nvidia-smi reports ("" = none)."""
+    """GPUs this launch may use: CUDA_VISIBLE_DEVICES narrows what nvidia-smi reports ("" = none).
+    CUDA ignores the list from its first invalid entry on ("-1" is the usual way to hide all)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return detected
-    return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    count = 0
+    for entry in visible.split(","):
+        if not entry.strip() or entry.strip().startswith("-"):
+            break
+        count += 1
+    return min(detected, count)
 
 
 def process_environments(processes: int, gpus: int) -> list[dict[str, str]]:
@@ -80,11 +90,36 @@ def process_environments(processes: int, gpus: int) -> list[dict[str, str]]:
     }
     if not gpus and "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
         shared["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
-    return [{**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(processes)]
+    return [
+        {**os.environ, **shared, LAUNCHED: "1", "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(processes)
+    ]
 
 
-def _die_with_parent() -> None:
-    """Linux: a process started in its own session gets SIGTERM if the launcher itself dies."""
+def install_stop_recorder() -> None:
+    """In a process spawn() started: record the launcher's stop request whenever it comes (while
+    loading, before training; while saving, after it) instead of dying of it. Training turns a
+    recorded request into "stop after this step" (signals.GracefulStop)."""
+    if os.environ.get(LAUNCHED) != "1":
+        return
+    signal.signal(STOP_SIGNAL, _record_stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {STOP_SIGNAL})  # blocked by spawn() until now: delivered here
+
+
+def _record_stop(signum, frame) -> None:
+    global _stop_requested
+    _stop_requested = True
+
+
+def stop_requested() -> bool:
+    """Whether the launcher asked this process to stop (outside training so far)."""
+    return _stop_requested
+
+
+def _prepare_child() -> None:
+    """Runs in each process between fork and exec. The stop signal is blocked (it stays pending)
+    until install_stop_recorder has a handler for it: until then its default action would kill the
+    process. And, on Linux, a process in its own session gets SIGTERM if the launcher itself dies."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {STOP_SIGNAL})
     try:
         import ctypes
 
@@ -97,16 +132,17 @@ def _shell_code(code: int) -> int:
     return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
 
 
-def spawn(args: list[str], processes: int, gpus: int) -> int:
-    """Run `peftcli <args>` in `processes` processes.
+def spawn(command: list[str], processes: int, gpus: int) -> int:
+    """Run `command` (peftcli) in `processes` processes and return the exit code for all of them.
 
     Signals: the first SIGINT/SIGTERM the launcher gets becomes STOP_SIGNAL to every process (each
     finishes the step, they agree on it, save one checkpoint and exit); a second one kills them at
     once. The processes run in their own sessions, so a terminal's Ctrl-C reaches them only through
     here; a scheduler that signals every process of the job (Slurm, systemd) also reaches them
     directly, and that and STOP_SIGNAL are one stop request to them.
-    Exit code: 128 + the launcher's signal after a stop; else the first failure's (a failing process
-    gets the others stopped after a grace period, instead of leaving them waiting in a collective)."""
+    A process that fails (any exit but 0, or an interrupted exit after a stop request) gets the
+    others stopped after FAILURE_GRACE_S and killed GRACE_S later, instead of leaving them waiting
+    in a collective. Exit code: the first failure's; else 0 if all finished; else 128 + the signal."""
     environments = process_environments(processes, gpus)
     children: list[subprocess.Popen] = []
     received: list[int] = []
@@ -120,38 +156,40 @@ def spawn(args: list[str], processes: int, gpus: int) -> int:
         received.append(signum)
         send(STOP_SIGNAL if len(received) == 1 else signal.SIGKILL)
 
+    def failed(code: int | None) -> bool:
+        return code not in (None, 0) and not (received and code in INTERRUPTED_CODES)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for env in environments:
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "peftcli", *args],
-                    env=env,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                )
-            )
-        failure, failed_at, stopped_at = None, None, None
+            children.append(subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_prepare_child))
+        failure, failed_at, stopped_at, killed = None, None, None, False
         while any(child.poll() is None for child in children):
             now = time.monotonic()
-            if failure is None and not received:
-                failed = next((c for c in children if c.poll() not in (None, 0)), None)
-                if failed is not None:
-                    failure, failed_at = failed.returncode, now
+            if failure is None and len(received) < 2:
+                first = next((c for c in children if failed(c.poll())), None)
+                if first is not None:
+                    failure, failed_at = first.returncode, now
             if failed_at is not None and stopped_at is None and now - failed_at > FAILURE_GRACE_S:
                 send(STOP_SIGNAL)  # the others would otherwise wait forever in the next collective
                 stopped_at = now
-            if stopped_at is not None and now - stopped_at > GRACE_S:
+            if stopped_at is not None and not killed and now - stopped_at > GRACE_S:
                 send(signal.SIGKILL)
-            time.sleep(0.2)
+                killed = True
+            time.sleep(0.1)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if received:
-        return 128 + received[0]
+    if failure is None and len(received) < 2:  # one may have failed in the last poll interval
+        failure = next((c.returncode for c in children if failed(c.returncode)), None)
+    codes = [c.returncode for c in children]
     if failure is not None:
         return _shell_code(failure)
-    return _shell_code(next((c.returncode for c in children if c.returncode), 0))
+    if len(received) >= 2:
+        return 128 + received[0]  # killed on the second signal
+    if all(code == 0 for code in codes):
+        return 0  # finished (a stop request during the last step or the final save lets it finish)
+    return 128 + received[0] if received else _shell_code(next(c for c in codes if c))
 
 
 def relaunch(args: list[str], processes: int, config: Path | None) -> NoReturn:
@@ -165,4 +203,5 @@ def relaunch(args: list[str], processes: int, config: Path | None) -> NoReturn:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(command[0], command)  # accelerate forwards signals and sets up FSDP/DeepSpeed
-    sys.exit(spawn(args, processes, visible_gpus(len(detect_gpus()))))
+    command = [sys.executable, "-m", "peftcli", *args]
+    sys.exit(spawn(command, processes, visible_gpus(len(detect_gpus()))))

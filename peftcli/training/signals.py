@@ -23,34 +23,41 @@ class GracefulStop(TrainerCallback):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    def _handle(self, signum, frame):
+    def _request(self, signum: int, what: str, again: str) -> None:
         from peftcli.launch import is_main_process
 
         self.signum = signum
-        name = signal.Signals(signum).name
         if is_main_process():
             print(
-                f"\n{name} received: finishing the current step and saving a checkpoint "
-                f"(send it again to exit at once; the last checkpoint is kept)",
+                f"\n{what}: finishing the current step and saving a checkpoint ({again} to exit at once; "
+                "the last checkpoint is kept)",
                 file=sys.stderr,
                 flush=True,
             )
-        # The next signal, of either kind, takes the default action: the process exits immediately.
+
+    def _handle(self, signum, frame):
+        """SIGINT/SIGTERM sent to this process."""
+        if self.signum is None:
+            self._request(signum, f"{signal.Signals(signum).name} received", "send it again")
+        # The next one, of either kind, takes the default action: the process exits immediately.
         for handled in HANDLED:
             signal.signal(handled, signal.SIG_DFL)
 
     def _handle_launcher(self, signum, frame):
-        """The launcher's stop request (launch.py). A scheduler may also have signalled this process
-        directly: both are one request, so this never counts as the second signal."""
+        """The launcher's stop request (launch.py). A scheduler that signals every process of the job
+        reaches this one directly as well, before or after it: the two are one request, so this
+        one never makes the next direct signal fatal."""
         if self.signum is None:
-            self._handle(signal.SIGTERM, frame)
+            self._request(signal.SIGTERM, "stop requested", "press Ctrl-C again")
 
     def __enter__(self) -> GracefulStop:
-        from peftcli.launch import STOP_SIGNAL
+        from peftcli.launch import STOP_SIGNAL, stop_requested
 
         for signum in HANDLED:
             self._previous[signum] = signal.signal(signum, self._handle)
         self._previous[STOP_SIGNAL] = signal.signal(STOP_SIGNAL, self._handle_launcher)
+        if stop_requested():  # the request came while the model was loading: stop after the first step
+            self._handle_launcher(STOP_SIGNAL, None)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -66,7 +73,7 @@ class GracefulStop(TrainerCallback):
         if args.world_size > 1:
             # Processes may see the signal at different steps; all must stop at the same one, or the
             # others would wait forever in the next gradient all-reduce.
-            requested = _any_process(requested)
+            requested = any_process(requested)
         if requested:
             control.should_save = True
             control.should_training_stop = True
@@ -75,7 +82,7 @@ class GracefulStop(TrainerCallback):
         return control
 
 
-def _any_process(flag: bool) -> bool:
+def any_process(flag: bool) -> bool:
     import torch
     import torch.distributed as dist
 
