@@ -177,6 +177,30 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_model):
     assert "adapter/ is the best one seen: step 5" in (outcome.run_dir / "report.md").read_text()
 
 
+def test_early_stopping_result_survives_a_kill_after_the_last_checkpoint(tmp_path, tiny_model, cli):
+    """Killed after the last checkpoint, before adapter/ was written: the resume finds nothing left to
+    train and must still ship the best adapter (step 5), not the last weights (step 10)."""
+    recipe = base_recipe(
+        tiny_model,
+        tmp_path / "run",
+        training={"max_steps": 10, "eval_steps": 5, "save_steps": 5, "save_total_limit": None}
+        | {"early_stopping_patience": 1, "early_stopping_threshold": 100.0},
+    )
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert cli("train", path).code == 0
+    run = tmp_path / "run"
+    (run / "adapter").rename(run / "best-adapter")  # where it was before the (killed) final move
+    (run / "metrics.json").unlink()
+    result = cli("train", path, "--resume")
+    assert result.code == 0 and "nothing left to train" in result.err, result.err
+    metrics = read_json(run / "metrics.json")
+    assert metrics["adapter_is"] == "best" and metrics["best_step"] == 5
+    assert metrics["eval_loss"] == metrics["eval_history"][0]["eval_loss"]
+    best = load_file(run / "adapter" / "adapter_model.safetensors")
+    at_step_5 = load_file(run / "checkpoint-5" / "adapter_model.safetensors")
+    assert all(torch.equal(best[k], at_step_5[k]) for k in best)
+
+
 def test_eval_steps_need_eval_data(cli, tmp_path, tiny_model):
     recipe = base_recipe(tiny_model, tmp_path / "run", data={"eval": None}, training={"eval_steps": 5})
     result = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))

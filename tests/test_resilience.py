@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, base_recipe, read_json, write_recipe
 from safetensors.torch import load_file
 
@@ -164,8 +165,12 @@ def test_resume_from_a_checkpoint_at_the_last_step(tmp_path, tiny_model, cli):
     run = tmp_path / "run"
     shutil.rmtree(run / "adapter")  # as if killed after checkpoint-12 was saved
     (run / "metrics.json").unlink()
-    result = cli("train", path, "--resume")
+    moved = tmp_path / "moved"  # and restarted on a machine that mounts it elsewhere
+    run.rename(moved)
+    run = moved
+    result = cli("train", path, "--resume", "--set", f"output.dir={moved}")
     assert result.code == 0, result.err
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["output"]["dir"] == str(moved)
     assert "checkpoint-12 is the last step: nothing left to train" in result.err
     metrics = read_json(run / "metrics.json")
     assert metrics["steps"] == 12 and [h["step"] for h in metrics["loss_history"]] == list(range(1, 13))

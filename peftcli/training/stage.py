@@ -169,7 +169,8 @@ def run_training(
 
     out, main = Path(recipe.output.dir), is_main_process()
     checkpoint = plan_resume(recipe, out, resume, force) if resume else None
-    preflight(recipe, overwrite=overwrite or checkpoint is not None, check_output=main)
+    # A resumed run's folder was checked by plan_resume (it may have moved since it was written).
+    preflight(recipe, overwrite=overwrite, check_output=main and checkpoint is None)
     try:
         prepared = prepare(recipe)
     except Exception as exc:
@@ -198,7 +199,7 @@ def run_training(
     if main:
         _report_data(prepared, trainer, recipe)
 
-    runtime = _train(trainer, stop, checkpoint, recipe, prepared)
+    runtime = _train(trainer, stop, tracker, checkpoint, recipe, prepared)
     if stop.requested and trainer.state.global_step < trainer.state.max_steps:
         _finish(recipe, prepared, trainer, runtime, None, status="interrupted")
         raise Interrupted(
@@ -210,8 +211,8 @@ def run_training(
     # The adapter (or full model) + tokenizer with its chat template, atomically. With early
     # stopping it is the best one evaluated (saved by the tracker when it was seen).
     final = artifact_dir(out, prepared.method)
-    # (decided from the tracker, which every process shares, not from the folder rank 0 is moving)
-    if t.early_stopping_patience is not None and tracker.best_step is not None:
+    use_best = _use_best(out, t.early_stopping_patience is not None, main, trainer.args.world_size)
+    if use_best:
         if main:
             replace_dir(out / BEST, final)
             (out / BEST_INFO).unlink(missing_ok=True)  # metrics.json carries best_step / best_eval_loss
@@ -226,9 +227,24 @@ def run_training(
             if "eval_loss" in e and "step" in e
         ],
         **tracker.summary(),
-        "adapter_is": "best" if t.early_stopping_patience is not None else "final",
+        "adapter_is": "best" if use_best else "final",
     }
     return _finish(recipe, prepared, trainer, runtime, eval_loss, extra=extra)
+
+
+def _use_best(out: Path, early_stopping: bool, main: bool, world_size: int) -> bool:
+    """Whether adapter/ is the best adapter kept during training. Rank 0 decides (it wrote that
+    folder, and alone moves it); the others follow, since the final eval and save are collective."""
+    use_best = early_stopping and main and (out / BEST).is_dir()
+    if early_stopping and main and not use_best:
+        cli_console.warn(
+            f"no {BEST}/ was kept (no eval ran, or the run started without early stopping): the final adapter is saved"
+        )
+    if world_size > 1:
+        from peftcli.training.signals import any_process
+
+        use_best = any_process(use_best)
+    return use_best
 
 
 def _final_eval(trainer, prepared: Prepared) -> float | None:
@@ -249,7 +265,7 @@ def _final_eval(trainer, prepared: Prepared) -> float | None:
         return None
 
 
-def _train(trainer, stop, checkpoint: Path | None, recipe: Recipe, prepared: Prepared) -> float:
+def _train(trainer, stop, tracker, checkpoint: Path | None, recipe: Recipe, prepared: Prepared) -> float:
     """Run the training loop (or finish a last-step checkpoint); an OOM becomes a user error."""
     import torch
 
@@ -264,6 +280,7 @@ def _train(trainer, stop, checkpoint: Path | None, recipe: Recipe, prepared: Pre
                 if is_main_process():
                     cli_console.note(f"{checkpoint.name} is the last step: nothing left to train, writing the results")
                 load_final_checkpoint(trainer, checkpoint)
+                tracker.on_train_begin(trainer.args, trainer.state, trainer.control)  # best so far, from the log
             else:
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except Exception as exc:
@@ -342,6 +359,8 @@ def _save_final(recipe: Recipe, prepared: Prepared, trainer, final: Path, main: 
         # A sharded state dict (the shipped FSDP configs) makes save_model write nothing: gather.
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
         if plugin is not None:
+            # set_state_dict_type keeps existing (sharded) configs; clear them so it builds full ones
+            plugin.state_dict_config = plugin.optim_state_dict_config = None
             plugin.set_state_dict_type("FULL_STATE_DICT")
         staging = final.with_name(f"{TMP_PREFIX}{final.name}-gathered")
         trainer.save_model(str(staging))
