@@ -188,20 +188,24 @@ def generation_eval(models: EvalModels, examples, options: GenerateOptions, seed
     return summary, rows
 
 
-def _eval_data(recipe, tokenizer, eval_only, detect: bool):
+def _eval_data(recipe, tokenizer, eval_only, data_path: Path | None):
     """Prepare the eval examples; another file (--data) gets its format detected from its own columns.
 
-    If detection fails, the file is probably in the run's own custom schema: fall back to the run's
-    format and column mapping; if that fails too, the detection error is the one to show."""
-    section = recipe.data
-    if not detect:
-        return prepare_data(section, tokenizer, recipe.training.seed, eval_only=eval_only)
+    If detection fails, the file is probably in the run's own custom schema: fall back to the format
+    and column mapping of the run's (first) training source, or of its data section; if that fails
+    too, the detection error is the one to show."""
+    section, seed = recipe.data, recipe.training.seed
+    if data_path is None:
+        return prepare_data(section, tokenizer, seed, eval_only=eval_only)
+    path = str(Path(data_path).resolve())
     try:
-        auto = section.model_copy(update={"format": "auto", "columns": {}})
-        return prepare_data(auto, tokenizer, recipe.training.seed, eval_only=eval_only)
+        detected = [DataSource(path=path, format="auto", columns={})]
+        return prepare_data(section, tokenizer, seed, eval_only=detected)
     except UserError as detection_error:
+        trained = section.train[0]
+        like_training = [DataSource(path=path, format=trained.format, columns=trained.columns)]
         try:
-            return prepare_data(section, tokenizer, recipe.training.seed, eval_only=eval_only)
+            return prepare_data(section, tokenizer, seed, eval_only=like_training)
         except UserError:
             raise detection_error from None
 
@@ -217,7 +221,7 @@ def run_eval(
     recipe = run.recipe()
     modeling.check_model_source(recipe.model)
     if data_path is not None:
-        eval_only = [DataSource(path=str(Path(data_path).resolve()))]
+        eval_only = None  # _eval_data builds the source
     elif recipe.data.eval is not None:
         eval_only = recipe.data.eval
     elif recipe.data.eval_split is not None:
@@ -229,7 +233,7 @@ def run_eval(
     reference = reference or recipe.eval.reference
 
     models = EvalModels(run, recipe)
-    data = _eval_data(recipe, models.tokenizer, eval_only, detect=data_path is not None)
+    data = _eval_data(recipe, models.tokenizer, eval_only, data_path)
     scores = models.score_both(data.eval, batch_size, "eval data")
     result = {
         "run": str(run.path),

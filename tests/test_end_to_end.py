@@ -99,14 +99,16 @@ def test_eval_with_other_data(trained_run, cli, tmp_path):
     assert read_json(trained_run / "eval.json")["examples"] == 1
 
 
-def test_eval_data_in_the_runs_own_column_schema(trained_run, cli, tmp_path):
+@pytest.mark.parametrize("where", ["data", "train source"])
+def test_eval_data_in_the_runs_own_column_schema(trained_run, cli, tmp_path, where):
     """--data detects a file's format; a file in the run's custom columns (undetectable) still works."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoint-*"))
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
-    saved["data"].update(format="alpaca", columns={"instruction": "question", "output": "answer"})
+    custom = {"format": "alpaca", "columns": {"instruction": "question", "output": "answer"}}
+    (saved["data"] if where == "data" else saved["data"]["train"][0]).update(custom)
     (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
     data = tmp_path / "qa.jsonl"
     data.write_text('{"question": "What follows Monday?", "answer": "Tuesday"}\n' * 3, encoding="utf-8")

@@ -181,6 +181,8 @@ def test_relative_paths_never_resolve_against_the_working_directory(tmp_path, mo
     # transformers would load ./models/tiny of the working directory for the "hub id" models/tiny
     with pytest.raises(UserError, match="model.name: 'models/tiny' is not next to the recipe"):
         load_recipe(path)
+    elsewhere = tmp_path / "elsewhere"
+    assert load_recipe(path, [f"model.name={elsewhere}"]).model.name == str(elsewhere)  # --set fixes it
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(path)
     assert recipe.model.name == "models/tiny"  # nothing of that name here: a hub id

@@ -160,7 +160,9 @@ def _localize(value: Any, base: Path, always: bool = False, key: str = "") -> An
     looks_local = always or value.startswith((".", "~")) or value.endswith(_LOCAL_SUFFIXES)
     if looks_local or any(ch in value for ch in "*?[") or not _HUB_ID.match(value):
         return os.path.normpath(str(candidate))  # reported as "not found" where it is used
-    if Path.cwd().resolve() != base.resolve() and Path(value).exists():
+    # transformers looks an id up as a folder; datasets as a file or folder
+    shadowed = Path(value).is_dir() if key.startswith("model.") else Path(value).exists()
+    if shadowed and Path.cwd().resolve() != base.resolve():
         raise UserError(
             f"{key or 'a path'}: '{value}' is not next to the recipe (no {candidate}), but the current directory "
             "has one",
@@ -177,11 +179,14 @@ def _localize_sources(value: Any, base: Path, key: str) -> Any:
     return _localize(value, base, key=key)
 
 
-def _resolve_paths_at(parts: tuple[str, ...], value: Any, base: Path) -> Any:
-    """Resolve `value` if the key at `parts` holds a path (or a section containing paths)."""
-    if len(parts) == 1 and isinstance(value, dict):
-        return {k: _resolve_paths_at((parts[0], k), v, base) for k, v in value.items()}
+def _resolve_paths_at(parts: tuple[str, ...], value: Any, base: Path, skip: frozenset[str] = frozenset()) -> Any:
+    """Resolve `value` if the key at `parts` holds a path (or a section containing paths); keys in
+    `skip` (about to be replaced by --set) are left alone."""
     key = ".".join(parts)
+    if key in skip:
+        return value
+    if len(parts) == 1 and isinstance(value, dict):
+        return {k: _resolve_paths_at((parts[0], k), v, base, skip) for k, v in value.items()}
     if key in ("model.name", "model.tokenizer"):
         return _localize(value, base, key=key)
     if key in ("data.train", "data.eval"):
@@ -193,11 +198,11 @@ def _resolve_paths_at(parts: tuple[str, ...], value: Any, base: Path) -> Any:
     return value
 
 
-def resolve_recipe_paths(raw: RawRecipe) -> None:
+def resolve_recipe_paths(raw: RawRecipe, skip: frozenset[str] = frozenset()) -> None:
     base = raw.path.resolve().parent
     for section, body in list(raw.data.items()):
         if isinstance(section, str):
-            raw.data[section] = _resolve_paths_at((section,), body, base)
+            raw.data[section] = _resolve_paths_at((section,), body, base, skip)
 
 
 # --- validation and error messages -------------------------------------------------------------
@@ -335,7 +340,9 @@ def validate(raw: RawRecipe) -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path | None = None) -> Recipe:
     """Read, override, resolve paths and validate a recipe. Raises UserError with one clear line."""
     raw = read_yaml(Path(path))
-    resolve_recipe_paths(raw)
+    # A value --set replaces is not resolved first (it may be the very path the override fixes).
+    replaced = frozenset(".".join(parse_override(text)[0]) for text in overrides or [])
+    resolve_recipe_paths(raw, skip=replaced)
     apply_overrides(raw, overrides or [], cwd or Path.cwd())
     recipe = validate(raw)
     if recipe.output.dir is None:
