@@ -241,3 +241,17 @@ def create_output_dir(path: Path, overwrite: bool) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"output.dir: cannot create {path}: {exc.strerror}") from None
+
+
+@contextmanager
+def discard_unsaved_run(path: Path, fresh: bool) -> Iterator[None]:
+    """Remove a run folder this command created when it fails before saving anything of its own
+    (only the recipe, logs and staging are there), so the same command can simply be run again."""
+    try:
+        yield
+    except BaseException:
+        if fresh and path.is_dir():
+            transient = {RECIPE, "tensorboard"}
+            if all(p.name in transient or p.name.startswith(TMP_PREFIX) for p in path.iterdir()):
+                shutil.rmtree(path, ignore_errors=True)
+        raise

@@ -228,6 +228,22 @@ def test_adalora_budget_follows_the_real_step_count(tmp_path, tiny_model):
     assert steps < 488 // 16  # packing made fewer, fuller rows than the unpacked estimate
 
 
+def test_adalora_budget_too_short_for_the_real_steps_leaves_no_run(tmp_path, tiny_model, cli):
+    """The estimate (unpacked rows) leaves room for tinit, the packed step count does not: the error
+    comes once training starts, and the half-made run folder must not block a corrected rerun."""
+    recipe = base_recipe(
+        tiny_model,
+        tmp_path / "run",
+        data={"packing": True},
+        training={"max_steps": None, "epochs": 1, "save_steps": 1000},
+    )
+    recipe["peft"] = {"method": "adalora", "init_r": 6, "target_r": 2, "tinit": 25, "tfinal": 1}
+    result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.code == 2, result.err
+    assert "peft.tinit (25)" in result.err and "training steps" in result.err
+    assert not (tmp_path / "run").exists()
+
+
 def test_loftq_needs_a_4bit_base_and_cuda(tmp_path, tiny_model, cli):
     recipe = base_recipe(tiny_model, tmp_path / "run")
     recipe["peft"] = {"method": "lora", "init": "loftq"}

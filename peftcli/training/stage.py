@@ -30,6 +30,7 @@ from peftcli.rundir import (
     atomic_write_text,
     check_output_dir,
     create_output_dir,
+    discard_unsaved_run,
     replace_dir,
 )
 from peftcli.training.settings import Settings
@@ -185,51 +186,54 @@ def run_training(
         remove_staging(out)
         # After a resume too: the saved recipe must say what ran (cadence keys may have changed).
         atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
-    t = recipe.training
-    stop = GracefulStop()
-    tracker = EvalTracker(
-        out,
-        lambda model, folder: save_artifact(recipe, prepared, model, folder),
-        t.early_stopping_patience,
-        t.early_stopping_threshold,
-    )
-    progress = TrainingProgress(console)
-    trainer = build_trainer(recipe, prepared, out, callbacks=[progress, stop, tracker, *loggers(t.report_to, out)])
-    progress.token_counter = trainer.token_counter
-    if main:
-        _report_data(prepared, trainer, recipe)
-
-    runtime = _train(trainer, stop, tracker, checkpoint, recipe, prepared)
-    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
-        _finish(recipe, prepared, trainer, runtime, None, status="interrupted")
-        raise Interrupted(
-            stop.signum,
-            f"stopped after step {trainer.state.global_step}; checkpoint-{trainer.state.global_step} saved in {out}",
-            hint=f"continue with: peftcli train {source or Path(recipe.output.dir) / RECIPE} --resume",
+    # A new run that fails before it saved anything (a late user error, a crash) leaves no folder.
+    with discard_unsaved_run(out, fresh=main and checkpoint is None):
+        t = recipe.training
+        stop = GracefulStop()
+        tracker = EvalTracker(
+            out,
+            lambda model, folder: save_artifact(recipe, prepared, model, folder),
+            t.early_stopping_patience,
+            t.early_stopping_threshold,
         )
-
-    # The adapter (or full model) + tokenizer with its chat template, atomically. With early
-    # stopping it is the best one evaluated (saved by the tracker when it was seen).
-    final = artifact_dir(out, prepared.method)
-    use_best = _use_best(out, t.early_stopping_patience is not None, main, trainer.args.world_size)
-    if use_best:
+        progress = TrainingProgress(console)
+        trainer = build_trainer(recipe, prepared, out, callbacks=[progress, stop, tracker, *loggers(t.report_to, out)])
+        progress.token_counter = trainer.token_counter
         if main:
-            replace_dir(out / BEST, final)
-            (out / BEST_INFO).unlink(missing_ok=True)  # metrics.json carries best_step / best_eval_loss
-        eval_loss = tracker.best
-    else:
-        eval_loss = _final_eval(trainer, prepared)
-        _save_final(recipe, prepared, trainer, final, main)
-    extra = {
-        "eval_history": [
-            {"step": e["step"], "eval_loss": e["eval_loss"]}
-            for e in trainer.state.log_history
-            if "eval_loss" in e and "step" in e
-        ],
-        **tracker.summary(),
-        "adapter_is": "best" if use_best else "final",
-    }
-    return _finish(recipe, prepared, trainer, runtime, eval_loss, extra=extra)
+            _report_data(prepared, trainer, recipe)
+
+        runtime = _train(trainer, stop, tracker, checkpoint, recipe, prepared)
+        if stop.requested and trainer.state.global_step < trainer.state.max_steps:
+            _finish(recipe, prepared, trainer, runtime, None, status="interrupted")
+            step = trainer.state.global_step
+            raise Interrupted(
+                stop.signum,
+                f"stopped after step {step}; checkpoint-{step} saved in {out}",
+                hint=f"continue with: peftcli train {source or Path(recipe.output.dir) / RECIPE} --resume",
+            )
+
+        # The adapter (or full model) + tokenizer with its chat template, atomically. With early
+        # stopping it is the best one evaluated (saved by the tracker when it was seen).
+        final = artifact_dir(out, prepared.method)
+        use_best = _use_best(out, t.early_stopping_patience is not None, main, trainer.args.world_size)
+        if use_best:
+            if main:
+                replace_dir(out / BEST, final)
+                (out / BEST_INFO).unlink(missing_ok=True)  # metrics.json carries best_step / best_eval_loss
+            eval_loss = tracker.best
+        else:
+            eval_loss = _final_eval(trainer, prepared)
+            _save_final(recipe, prepared, trainer, final, main)
+        extra = {
+            "eval_history": [
+                {"step": e["step"], "eval_loss": e["eval_loss"]}
+                for e in trainer.state.log_history
+                if "eval_loss" in e and "step" in e
+            ],
+            **tracker.summary(),
+            "adapter_is": "best" if use_best else "final",
+        }
+        return _finish(recipe, prepared, trainer, runtime, eval_loss, extra=extra)
 
 
 def _use_best(out: Path, early_stopping: bool, main: bool, world_size: int) -> bool:
