@@ -158,7 +158,10 @@ CASES: dict[str, tuple[Setup, tuple[str, ...]]] = {
     "recipe is a YAML list": (_recipe_text("- model\n- data\n"), ("mapping of sections",)),
     "binary recipe": (_recipe_text(b"\x89PNG\r\n\x1a\n\x00\xff\xfe"), ("not a UTF-8 text file",)),
     "duplicate YAML keys": (_recipe_text("model:\n  name: a\n  name: b\n"), ("duplicate key 'name'", "line 3")),
-    "YAML syntax error": (_recipe_text("model:\n  name: [a\ndata: {\n"), ("YAML syntax error", "line")),
+    "YAML syntax error": (
+        _recipe_text("model:\n  name: [a\ndata: {\n"),
+        ("YAML syntax error at line 3", "starts at line 2"),
+    ),
     "recipe file missing": (lambda tmp, model, mp: ["train", tmp / "nope.yaml"], ("recipe file not found",)),
     # values
     "negative learning rate": (_train_with(training={"learning_rate": -1e-4}), ("training.learning_rate",)),

@@ -72,6 +72,13 @@ def test_overlong_examples(tmp_path, tokenizer):
     # Truncating keeps the prompt's start, so the answer falls off and nothing is left to learn.
     truncated = prepare(tokenizer, path, max_length=32, overlong="truncate").train_stats
     assert (truncated.rows, truncated.dropped) == (1, 1)
+    # A long answer after a short prompt is cut at max_length and still trains on what is left.
+    long_answer = {"instruction": "Count.", "output": "one and " * 40 + "one"}
+    path = write_jsonl(tmp_path / "e.jsonl", [ALPACA, long_answer])
+    prepared = prepare(tokenizer, path, max_length=32, overlong="truncate")
+    assert (prepared.train_stats.rows, prepared.train_stats.truncated, prepared.train_stats.dropped) == (2, 1, 0)
+    cut = max(prepared.train, key=lambda item: len(item.input_ids))
+    assert len(cut.input_ids) == 32 and trained_text(tokenizer, cut).startswith("one and one")
 
 
 def test_eval_split_is_seeded_and_disjoint(tmp_path, tokenizer):
@@ -82,6 +89,8 @@ def test_eval_split_is_seeded_and_disjoint(tmp_path, tokenizer):
     assert len(first.eval) == 10 and len(first.train) == 30
     assert [e.origin for e in first.eval] == [e.origin for e in second.eval]
     assert not {e.origin for e in first.eval} & {e.origin for e in first.train}
+    other_seed = prepare_data(DataSection(train=str(path), max_length=128, eval_split=0.25), tokenizer, seed=1)
+    assert {e.origin for e in other_seed.eval} != {e.origin for e in first.eval}
 
 
 def test_missing_and_empty_files(tmp_path, tokenizer):

@@ -11,15 +11,27 @@ from conftest import base_recipe, read_json, write_recipe
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model):
     """One LoRA run shared by the checks below (training is the expensive part)."""
+    import peftcli.training
     from peftcli.cli import main
 
     tmp = tmp_path_factory.mktemp("e2e")
     recipe = write_recipe(tmp / "recipe.yaml", base_recipe(tiny_model, tmp / "run", training={"max_steps": 30}))
-    with pytest.raises(SystemExit) as exit_info:
+    outcomes = []  # keep the model as trained, in memory, to compare reloads with
+    real_run_training = peftcli.training.run_training
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setattr(
+            peftcli.training,
+            "run_training",
+            lambda *a, **k: outcomes.append(real_run_training(*a, **k)) or outcomes[-1],
+        )
         main(["train", str(recipe), "--set", "peft.r=4", "--set", "training.learning_rate=8e-3"])
         raise SystemExit(0)
     assert exit_info.value.code == 0
+    TRAINED_MODEL["model"] = outcomes[0].model.eval()
     return tmp / "run"
+
+
+TRAINED_MODEL = {}  # the in-memory model of trained_run
 
 
 def test_run_directory_follows_the_contract(trained_run):
@@ -72,13 +84,12 @@ def test_adapter_reloads_in_plain_peft_with_identical_logits(trained_run, tiny_m
     assert "<|im_start|>" in tokenizer.chat_template  # the template used in training travels with the adapter
     tokenizer.pad_token = tokenizer.eos_token
     probe = _probe(tokenizer)
-    first = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "adapter").eval()
-    second = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "adapter")
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     with torch.no_grad():
-        a, b, c = (m(**probe).logits for m in (first, second, base))
-    assert torch.equal(a, b)
-    assert (a - c).abs().max() > 1e-3  # the adapter really changes the model
+        got, trained, untouched = (m(**probe).logits for m in (reloaded.eval(), TRAINED_MODEL["model"], base))
+    assert torch.equal(got, trained)  # the adapter on disk is exactly the model as trained
+    assert (got - untouched).abs().max() > 1e-3  # and it really changes the base
 
 
 def test_eval_shows_tuned_beats_base(trained_run, cli):
@@ -146,3 +157,29 @@ def test_merge_matches_adapter_and_loads_in_plain_transformers(trained_run, tiny
     (out / "peftcli.json").unlink()  # a model folder peftcli did not write (or no longer recognises)
     foreign = cli("merge", trained_run, "--out", out, "--force")
     assert foreign.code == 2 and "holds something else" in foreign.err and (out / "config.json").exists()
+
+
+def test_merge_that_does_not_reproduce_the_adapter_fails_and_writes_nothing(trained_run, cli, tmp_path, monkeypatch):
+    """A merge whose saved weights drift from the adapter model (a PEFT bug, a lossy dtype) must
+    exit 1 and leave the previous merge, not hand the user a model that looks fine."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTuner
+
+    out = tmp_path / "merged"
+    assert cli("merge", trained_run, "--out", out).code == 0
+    before = (out / "model.safetensors").read_bytes()
+
+    real_merge = BaseTuner.merge_and_unload
+
+    def drifting_merge(self, *args, **kwargs):
+        merged = real_merge(self, *args, **kwargs)
+        with torch.no_grad():
+            merged.get_output_embeddings().weight.add_(0.05)  # far above the fp32 tolerance
+        return merged
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", drifting_merge)
+    result = cli("merge", trained_run, "--out", out, "--force")
+    assert result.code == 1
+    assert "merged logits differ from the adapter model's" in result.err and "nothing was written" in result.err
+    assert (out / "model.safetensors").read_bytes() == before  # the previous merge is intact
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

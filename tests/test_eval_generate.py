@@ -103,13 +103,28 @@ def test_forgetting_is_base_vs_tuned_perplexity_on_the_reference(run, cli, tiny_
     assert "Forgetting on `reference.txt`" in (run / "report.md").read_text()
 
 
+def plain_reply(model, tokenizer_dir, messages, max_new_tokens=6) -> str:
+    """What plain transformers answers: the saved chat template, greedy, stopping at <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.eval().generate(
+        **ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
 def test_generate_switches_adapters_without_reloading_the_base(tmp_path, tiny_model, run, monkeypatch):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from peftcli import modeling
     from peftcli.chat import Session
-    from peftcli.generation import generate
     from peftcli.recipe import load_recipe
     from peftcli.training import run_training
 
@@ -126,24 +141,30 @@ def test_generate_switches_adapters_without_reloading_the_base(tmp_path, tiny_mo
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     session = Session(None, [("a", run), ("b", other)])
     messages = [{"role": "user", "content": "What comes after Monday?"}]
-    got = {name: session.reply(name, messages, stream=False, max_new_tokens=6) for name in ("b", "a", None, "b")}
+    order = ("b", "a", None, "b")
+    replies = [session.reply(name, messages, stream=False, max_new_tokens=6) for name in order]
     assert len(loads) == 1  # one base, two adapters, four switches
 
+    expected = {None: plain_reply(AutoModelForCausalLM.from_pretrained(tiny_model), tiny_model, messages)}
     for name, folder in (("a", run), ("b", other)):
         alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), folder / "adapter")
-        tokenizer = AutoTokenizer.from_pretrained(folder / "adapter")
-        tokenizer.pad_token = tokenizer.eos_token
-        expected = generate(alone.eval(), tokenizer, [session.prompt(name, messages)], max_new_tokens=6)[0][0]
-        assert got[name] == expected
-    assert got["a"] != got["b"] or got["a"] != got[None]
+        expected[name] = plain_reply(alone, folder / "adapter", messages)
+    assert replies == [expected[name] for name in order]
+    assert len(set(expected.values())) == 3  # the three models really answer differently
 
 
-def test_generate_command(cli, run):
+def test_generate_command(cli, run, tiny_model):
     result = cli(
         "generate", "--adapter", f"demo={run}", "--prompt", "What comes after Monday?", "--max-new-tokens", "4"
     )
     assert result.code == 0, result.err
     assert "[demo] What comes after Monday?" in result.err
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "adapter")
+    reply = plain_reply(tuned, run / "adapter", [{"role": "user", "content": "What comes after Monday?"}], 4)
+    assert reply and reply in result.out  # the streamed answer is the adapter's own
     bad = cli("generate", "--adapter", "no-equals-sign", "--prompt", "x")
     assert bad.code == 2 and "NAME=RUN" in bad.err
 

@@ -88,6 +88,8 @@ def test_method_trains_reloads_and_merges(method, tmp_path, tiny_model, cli):
 
     probe = _probe(tiny_model)
     trained = _logits(outcome.model, probe)
+    untouched = _logits(AutoModelForCausalLM.from_pretrained(tiny_model), probe)
+    assert (trained - untouched).abs().max() > 1e-3, "training left the model as it was"
     registry_row = REGISTRY[method]
     if registry_row.saves_full_model:
         reloaded = AutoModelForCausalLM.from_pretrained(outcome.run_dir / "model")
@@ -114,6 +116,7 @@ def test_method_trains_reloads_and_merges(method, tmp_path, tiny_model, cli):
 def test_method_trains_on_a_4bit_base(method, tmp_path, tiny_model):
     outcome = _train(tmp_path, tiny_model, method, steps=6, quantization={"bits": 4})
     metrics = read_json(outcome.run_dir / "metrics.json")
+    assert any(type(m).__name__ == "Linear4bit" for m in outcome.model.modules())  # really quantized
     assert metrics["quantization"] == "4-bit nf4"
     losses = [h["loss"] for h in metrics["loss_history"]]
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -208,6 +211,8 @@ def test_lora_variants_reload_on_the_original_base(keys, tmp_path, tiny_model, c
     if "modules_to_save" in keys:
         assert config["modules_to_save"] == ["lm_head"]
     assert cli("merge", outcome.run_dir, "--out", tmp_path / "merged").code == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (_logits(merged, probe) - trained).abs().max() < 1e-4
 
 
 def test_adalora_budget_follows_the_real_step_count(tmp_path, tiny_model):

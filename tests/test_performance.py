@@ -168,6 +168,14 @@ def test_metrics_carry_throughput_and_utilisation(tmp_path, tiny_model):
     )
     metrics = read_json(outcome.run_dir / "metrics.json")
     assert metrics["tokens_per_s_per_device"] == metrics["train_tokens_per_s"]  # one process
+    # LoRA counts 4 FLOPs per matmul parameter per token (forward 2, backward through activations 2);
+    # the input embedding is a lookup, not a matmul.
+    model = outcome.model
+    matmul = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    assert metrics["flops_per_token"] == 4 * matmul
+    assert metrics["train_tokens_per_s"] == pytest.approx(
+        metrics["train_tokens"] / metrics["train_runtime_s"], rel=0.01
+    )
     expected = metrics["tokens_per_s_per_device"] * metrics["flops_per_token"] / 1e12
     assert metrics["tflops"] == pytest.approx(expected, abs=1e-3)
     assert metrics["mfu"] is None and metrics["device_peak_tflops"] is None  # no peak figure for a CPU

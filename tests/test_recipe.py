@@ -84,7 +84,8 @@ def test_cross_field_checks_run_before_any_model(tmp_path):
 
 def test_yaml_syntax_error_has_line_number(tmp_path):
     message = _error(tmp_path, "model:\n  name: [unclosed\ndata:\n  train: x\n")
-    assert "YAML syntax error" in message and "line" in message
+    assert "YAML syntax error at line 3, column 5" in message
+    assert "flow sequence that starts at line 2" in message  # where the unclosed [ is
 
 
 def test_duplicate_keys_are_refused(tmp_path):

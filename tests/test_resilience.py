@@ -148,6 +148,21 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path, tiny_model, cli, 
     assert read_json(run / "metrics.json")["steps"] == 12
 
 
+def test_resume_from_an_older_checkpoint_starts_a_new_timeline(tmp_path, tiny_model, cli, monkeypatch):
+    """`--resume PATH` goes back to that checkpoint: the run ends as an uninterrupted one, and the
+    later checkpoints of the abandoned timeline are gone (a later --resume must not pick them)."""
+    reference = _train(write_recipe(tmp_path / "ref.yaml", _recipe(tiny_model, tmp_path / "ref"))).run_dir
+    path = _interrupted_run(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run")), monkeypatch, 9)
+    run = tmp_path / "run"
+    result = cli("train", path, "--resume", run / "checkpoint-4")
+    assert result.code == 0, result.err
+    assert "resuming from checkpoint-4: removed the later checkpoint-8, checkpoint-10" in result.err
+    assert {p.name for p in run.glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-8", "checkpoint-12"}
+    expected, got = _weights(reference), _weights(run)
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
+    assert read_json(run / "metrics.json")["loss_history"] == read_json(reference / "metrics.json")["loss_history"]
+
+
 def test_a_signal_during_the_last_step_still_finishes_the_run(tmp_path, tiny_model, monkeypatch):
     path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run"))
     _interrupt_at(monkeypatch, 11)  # SIGTERM while step 12 of 12 runs

@@ -91,6 +91,10 @@ def read_yaml(path: Path) -> RawRecipe:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        # The parser notices a missing ] or " where it gives up; the context says where it began.
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start and mark and start.line != mark.line:
+            problem += f" ({context} that starts at line {start.line + 1})"
         raise UserError(
             f"{path}: YAML syntax error at {where}{problem}", hint="check indentation and quoting"
         ) from None

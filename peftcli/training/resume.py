@@ -115,3 +115,36 @@ def plan_resume(recipe: Recipe, run_dir: Path, resume: str, force: bool) -> Path
     if not quiet:
         console.note(f"resuming from {checkpoint.name}")
     return checkpoint
+
+
+def discard_abandoned(run_dir: Path, checkpoint: Path) -> list[str]:
+    """Remove what a run saved after `checkpoint`: resuming from an older checkpoint (`--resume
+    PATH`, often with `--force` and a changed key) starts a new timeline from there, and a later
+    checkpoint or best adapter of the old one would otherwise be picked by the next `--resume` or
+    become `adapter/`. Returns the names removed. Rank 0 only."""
+    import json
+    import shutil
+
+    from peftcli.training.checkpoints import CHECKPOINT, checkpoints
+    from peftcli.training.tracking import BEST, BEST_INFO
+
+    match = CHECKPOINT.match(checkpoint.name)
+    if match is None:
+        return []
+    step = int(match.group(1))
+    removed = []
+    for later in checkpoints(run_dir):
+        if int(CHECKPOINT.match(later.name).group(1)) > step:
+            shutil.rmtree(later)
+            removed.append(later.name)
+    best_info = run_dir / BEST_INFO
+    if best_info.is_file():
+        try:
+            best_step = json.loads(best_info.read_text(encoding="utf-8"))["step"]
+        except (ValueError, KeyError, TypeError):
+            best_step = None  # unreadable: cannot tell which timeline it belongs to
+        if best_step is None or best_step > step:
+            shutil.rmtree(run_dir / BEST, ignore_errors=True)
+            best_info.unlink()
+            removed.append(BEST)
+    return sorted(removed, key=lambda name: (len(name), name))

@@ -165,7 +165,7 @@ def run_training(
     Under a multi-process launch every process runs this; rank 0 alone writes the run directory."""
     from peftcli.training.checkpoints import remove_staging
     from peftcli.training.progress import TrainingProgress
-    from peftcli.training.resume import plan_resume
+    from peftcli.training.resume import discard_abandoned, plan_resume
     from peftcli.training.signals import GracefulStop
 
     out, main = Path(recipe.output.dir), is_main_process()
@@ -184,6 +184,10 @@ def run_training(
         if checkpoint is None:
             create_output_dir(out, overwrite)
         remove_staging(out)
+        if checkpoint is not None:
+            removed = discard_abandoned(out, checkpoint)
+            if removed:
+                cli_console.note(f"resuming from {checkpoint.name}: removed the later {', '.join(removed)}")
         # After a resume too: the saved recipe must say what ran (cadence keys may have changed).
         atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
     # A new run that fails before it saved anything (a late user error, a crash) leaves no folder.
