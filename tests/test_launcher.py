@@ -21,11 +21,19 @@ from peftcli import launch
 time.sleep(float(sys.argv[2]))  # "loading": a stop request sent now must wait, not kill
 launch.install_stop_recorder()
 rank, plan = int(os.environ["RANK"]), sys.argv[1]
+import signal
+record = signal.getsignal(signal.SIGUSR1)
+def count(signum, frame):  # one line per stop request this process receives
+    with open(f"requests-{rank}", "a") as log:
+        log.write("SIGUSR1\\n")
+    record(signum, frame)
+signal.signal(signal.SIGUSR1, count)
 if plan == "fail" and rank == 1:
     sys.exit(3)
 deadline = time.time() + 30
 while time.time() < deadline:
     if launch.stop_requested():
+        time.sleep(0.5)  # a duplicate request would arrive meanwhile
         sys.exit(0 if plan == "finish" else 143)  # finished the last step / stopped after a step
     time.sleep(0.02)
 sys.exit(9)
@@ -51,10 +59,12 @@ def _spawn(tmp_path, script: str, *argv: str, signal_after: float | None = None)
 
 
 @pytest.mark.parametrize(("plan", "expected"), [("stop", 143), ("finish", 0)])
-def test_a_stop_request_reaches_every_process_once(tmp_path, plan, expected):
+def test_a_stop_request_reaches_every_process_once(tmp_path, monkeypatch, plan, expected):
     """143 when the processes stopped as asked; 0 when the request came as they were finishing."""
+    monkeypatch.chdir(tmp_path)
     code, took = _spawn(tmp_path, CHILD, plan, "0", signal_after=1.0)
     assert code == expected and took < 10
+    assert [(tmp_path / f"requests-{rank}").read_text() for rank in (0, 1)] == ["SIGUSR1\n"] * 2
 
 
 def test_a_stop_request_during_startup_is_kept_until_the_process_can_act_on_it(tmp_path):

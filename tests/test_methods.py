@@ -164,6 +164,16 @@ def test_methods_command_lists_every_method_with_shares(cli, tiny_model):
     for name in REGISTRY:
         assert f"| {name} |" in result.out
     assert "100.000 %" in result.out  # `full` trains every parameter
+    # lora's share is what PEFT itself counts on the real model with the method's defaults.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+    assert f"| {trainable:,} ({100 * trainable / total:.3f} %) |" in result.out.split("| lora |")[1].splitlines()[0]
 
 
 def test_readme_carries_the_methods_table(cli):

@@ -108,7 +108,9 @@ def test_checkpoints_hold_no_pickle(tmp_path, tiny_model):
     assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl"))], files
     for path in run.rglob("*"):
         if path.is_file() and path.suffix not in (".png",):
-            assert not path.read_bytes().startswith(b"PK\x03\x04"), f"{path} is a torch zip/pickle archive"
+            head = path.read_bytes()[:4]
+            assert not head.startswith(b"PK\x03\x04"), f"{path} is a torch zip/pickle archive"
+            assert not head.startswith(b"\x80"), f"{path} is a raw pickle"
 
 
 def test_no_unsafe_loading_in_the_code():
@@ -118,6 +120,20 @@ def test_no_unsafe_loading_in_the_code():
     for line in source.splitlines():
         if "torch.load(" in line:
             assert "weights_only=True" in line, line
+
+
+def test_resume_unpickles_nothing(tmp_path, tiny_model, monkeypatch):
+    """Resuming reads no pickle, in peftcli or in the libraries it drives (a checkpoint from an
+    untrusted source cannot run code)."""
+    import pickle
+
+    path = _interrupted_run(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run")), monkeypatch, 5)
+    calls = []
+    for owner, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    assert _train(path, resume="latest").steps == 12
+    assert calls == []
 
 
 def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_model, cli, monkeypatch):
