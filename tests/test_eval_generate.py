@@ -275,3 +275,64 @@ def test_every_command_has_help_with_an_example(cli):
         result = cli(command, "--help")
         assert result.code == 0 and "Example" in result.out, command
     assert cli("data", "preview", "--help").out.count("Example") == 1
+
+
+def test_generate_prompts_file_routes_each_prompt(cli, run, tiny_model, tmp_path):
+    """Plain lines go to every adapter; a JSON line may name one adapter, or `base`."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "What comes after Monday?\n\n"
+        + json.dumps({"prompt": "What comes after Friday?", "adapter": "base"})
+        + "\n"
+        + json.dumps({"prompt": "What comes after Sunday?", "adapter": "demo"})
+        + "\n"
+    )
+    result = cli("generate", "--adapter", f"demo={run}", "--prompts", prompts, "--max-new-tokens", "4")
+    assert result.code == 0, result.err
+    headers = [line for line in result.err.splitlines() if line.startswith("[")]
+    assert headers == [
+        "[demo] What comes after Monday?",
+        "[base] What comes after Friday?",
+        "[demo] What comes after Sunday?",
+    ]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base_reply = plain_reply(base, tiny_model, [{"role": "user", "content": "What comes after Friday?"}], 4)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "adapter")
+    tuned_reply = plain_reply(tuned, run / "adapter", [{"role": "user", "content": "What comes after Sunday?"}], 4)
+    assert base_reply in result.out and tuned_reply in result.out
+
+    prompts.write_text("fine\n" + json.dumps({"prompt": "x", "adapter": "nope"}) + "\n")
+    unknown = cli("generate", "--adapter", f"demo={run}", "--prompts", prompts)
+    assert unknown.code == 2 and "prompts.jsonl line 2: unknown adapter 'nope'" in unknown.err
+    prompts.write_text('{"prompt": "x"\n')
+    broken = cli("generate", "--adapter", f"demo={run}", "--prompts", prompts)
+    assert broken.code == 2 and "line 1: invalid JSON" in broken.err
+
+
+def test_generate_interactive_switches_and_resets(cli, run, tiny_model, monkeypatch):
+    import io
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    question = "What comes after Monday?"
+    typed = [question, "/adapter nope", "/base", "/reset", question, "/quit", "never read"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(typed) + "\n"))
+    result = cli("generate", "--adapter", f"demo={run}", "--interactive", "--max-new-tokens", "4")
+    assert result.code == 0, result.err
+    assert "chatting with demo" in result.err
+    assert "no adapter 'nope'; adapters: demo" in result.err and "now using base" in result.err
+
+    messages = [{"role": "user", "content": question}]
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "adapter")
+    tuned_reply = plain_reply(tuned, run / "adapter", messages, 4)
+    # After /reset the base answers the question afresh, without the tuned model's turn in its history.
+    base_reply = plain_reply(AutoModelForCausalLM.from_pretrained(tiny_model), tiny_model, messages, 4)
+    assert tuned_reply != base_reply
+    assert tuned_reply in result.out and base_reply in result.out
+    assert result.out.index(tuned_reply) < result.out.rindex(base_reply)
