@@ -197,6 +197,13 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_model):
     assert all(torch.equal(best[k], at_step_5[k]) for k in best)
     assert "adapter/ is the best one seen: step 5" in (outcome.run_dir / "report.md").read_text()
 
+    # The best step need not be a checkpoint: saving every 4 steps, step 5's adapter is kept anyway.
+    recipe["training"]["save_steps"], recipe["output"]["dir"] = 4, str(tmp_path / "off-cadence")
+    other = run_training(load_recipe(write_recipe(tmp_path / "o.yaml", recipe))).run_dir
+    assert not (other / "checkpoint-5").exists() and read_json(other / "metrics.json")["best_step"] == 5
+    kept = load_file(other / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(kept[k], at_step_5[k]) for k in at_step_5)
+
 
 def test_early_stopping_result_survives_a_kill_after_the_last_checkpoint(tmp_path, tiny_model, cli):
     """Killed after the last checkpoint, before adapter/ was written: the resume finds nothing left to
@@ -228,16 +235,20 @@ def test_eval_steps_need_eval_data(cli, tmp_path, tiny_model):
     assert result.code == 2 and "training.eval_steps needs eval data" in result.err
 
 
-def test_tensorboard_logs_by_default_and_missing_loggers_are_refused(tmp_path, tiny_model, cli):
+def test_tensorboard_logs_by_default_and_missing_loggers_are_refused(tmp_path, tiny_model, cli, monkeypatch):
     path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 2}))
     assert cli("train", path).code == 0
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert not (tmp_path / "run" / "runs").exists()
     import importlib.util
 
-    if importlib.util.find_spec("wandb") is None:
-        result = cli("train", path, "--overwrite", "--set", "training.report_to=[wandb]")
-        assert result.code == 2 and "wandb is not installed" in result.err
+    real_find_spec = importlib.util.find_spec  # as if wandb were not installed, whether or not it is
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a)
+    )
+    result = cli("train", path, "--overwrite", "--set", "training.report_to=[wandb]")
+    assert result.code == 2 and "wandb is not installed" in result.err
+    assert (tmp_path / "run" / "adapter").is_dir()  # the refused run left the finished one alone
 
 
 @pytest.mark.parametrize("method", list(REGISTRY))
