@@ -32,6 +32,23 @@ app = typer.Typer(
 app.add_typer(explore)  # methods, compare, data preview, generate, init, schema (cli_explore.py)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.out.print(f"peftcli {version('peftcli')}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback(epilog="Example: peftcli init --out my.yaml && peftcli validate my.yaml && peftcli train my.yaml")
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fine-tune causal LMs with parameter-efficient methods (LoRA, QLoRA, DoRA, IA3, ...) from one YAML recipe."""
+
+
 @app.command()
 def validate(recipe: Path = RecipeArg, set_: list[str] = SetOpt) -> None:
     """Check a recipe and print it resolved (defaults filled, overrides applied, paths absolute).
@@ -227,11 +244,29 @@ def _resume_flag(argv: list[str]) -> list[str]:
     return out
 
 
+def _click_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(usage errors, exits, aborts) as click raises them, and as newer typer releases raise them
+    from their own vendored copy of click (whose classes are not click's)."""
+    import click
+
+    usage, exits, aborts = [click.ClickException], [click.exceptions.Exit], [click.Abort]
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        usage.append(VendoredClickException)
+    except ImportError:  # typer that uses click itself
+        pass
+    exits.append(typer.Exit)
+    aborts.append(typer.Abort)
+    return tuple(usage), tuple(exits), tuple(aborts)
+
+
+_USAGE_ERRORS, _EXITS, _ABORTS = _click_exceptions()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn exceptions into exit codes."""
     import logging
-
-    import click
 
     from peftcli.launch import install_stop_recorder
 
@@ -253,12 +288,12 @@ def main(argv: list[str] | None = None) -> None:
         if is_main_process() or exc.per_rank:
             _print_error((rank_prefix() if exc.per_rank else "") + exc.message, exc.hint, exc.label)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except _USAGE_ERRORS as exc:  # a missing argument, an unknown option or command: the user's
         exc.show()
         sys.exit(EXIT_USER)
-    except (click.Abort, KeyboardInterrupt):
+    except (*_ABORTS, KeyboardInterrupt):
         console.err.print("interrupted", style="yellow")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - last resort: a bug, shown as one line unless debugging

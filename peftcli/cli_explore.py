@@ -123,7 +123,11 @@ def schema(out: Path = typer.Option(None, "--out", help="Write to this file inst
         console.out.print(f"wrote {out}")
 
 
-data_app = typer.Typer(help="Inspect the data a recipe trains on.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Inspect the data a recipe trains on.",
+    epilog="Example: peftcli data preview recipes/demo.yaml --rows 3",
+    no_args_is_help=True,
+)
 explore.add_typer(data_app, name="data")
 
 

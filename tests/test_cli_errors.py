@@ -172,3 +172,32 @@ def test_validate_does_not_import_torch(command, tmp_path, tiny_model):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["trian", "recipes/demo.yaml"], "Did you mean 'train'?"),
+        (["train"], "Missing argument"),
+        (["train", "r.yaml", "--max-steps", "5"], "No such option: --max-steps"),
+        (["merge", "runs/demo"], "Missing option '--out'"),
+        (["eval", "runs/demo", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+        (["compare", "recipes/demo.yaml"], "Missing option '--methods'"),
+        (["train", "r.yaml", "--set"], "requires an argument"),
+    ],
+)
+def test_command_line_mistakes_are_usage_errors(cli, args, says):
+    """A wrong command, option or argument is the user's mistake (exit 2, click's usage message),
+    never reported as a bug in peftcli."""
+    result = cli(*args)
+    assert result.code == 2, result.err
+    assert says in result.err and "this is a bug" not in result.err
+
+
+def test_version_and_bare_command(cli):
+    from importlib.metadata import version
+
+    result = cli("--version")
+    assert result.code == 0 and result.out.strip() == f"peftcli {version('peftcli')}"
+    bare = cli()
+    assert bare.code == 2 and "Commands" in bare.err + bare.out and "this is a bug" not in bare.err
