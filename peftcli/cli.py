@@ -95,6 +95,11 @@ def train(
         raise UserError("--resume and --overwrite contradict each other; choose one")
     if force and not resume:
         raise UserError("--force only applies with --resume")
+    if accelerate_config is not None and num_processes == 1:
+        raise UserError(
+            "--accelerate-config applies to multi-process runs",
+            hint="add --num-processes N (the number of GPUs to train on)",
+        )
     resolved = load(recipe, set_)
     from peftcli import launch
 
@@ -109,7 +114,13 @@ def train(
     from peftcli.training import run_training
 
     outcome = run_training(
-        resolved, overwrite=overwrite, resume=resume, force=force, console=console.err, source=str(recipe)
+        resolved,
+        overwrite=overwrite,
+        resume=resume,
+        force=force,
+        console=console.err,
+        # With --set overrides the run's saved recipe.yaml is what resumes it (it holds them).
+        source=None if set_ else str(recipe),
     )
     if launch.is_main_process():
         metrics = outcome.run_dir / "metrics.json"

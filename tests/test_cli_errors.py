@@ -201,3 +201,10 @@ def test_version_and_bare_command(cli):
     assert result.code == 0 and result.out.strip() == f"peftcli {version('peftcli')}"
     bare = cli()
     assert bare.code == 2 and "Commands" in bare.err + bare.out and "this is a bug" not in bare.err
+
+
+def test_accelerate_config_without_processes_is_refused(cli, tmp_path, tiny_model):
+    recipe = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run"))
+    result = cli("train", recipe, "--accelerate-config", ROOT / "recipes" / "accelerate" / "ddp.yaml")
+    assert result.code == 2 and "--num-processes" in result.err
+    assert not (tmp_path / "run").exists()

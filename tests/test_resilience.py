@@ -179,6 +179,21 @@ def test_resume_from_an_older_checkpoint_starts_a_new_timeline(tmp_path, tiny_mo
     assert read_json(run / "metrics.json")["loss_history"] == read_json(reference / "metrics.json")["loss_history"]
 
 
+def test_the_resume_hint_holds_the_overrides(tmp_path, tiny_model, cli, monkeypatch):
+    """After `--set` overrides, the recipe file alone would resume another run: the hint names the
+    run's saved recipe.yaml, which holds them, and that command does resume."""
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run"))
+    other = tmp_path / "other"
+    _interrupt_at(monkeypatch, 2)
+    result = cli("train", path, "--set", f"output.dir={other}", "--set", "training.learning_rate=0.01")
+    assert result.code == 143, result.err
+    hint = f"peftcli train {other / 'recipe.yaml'} --resume"
+    assert hint in result.err
+    resumed = cli(*hint.split()[1:])
+    assert resumed.code == 0, resumed.err
+    assert read_json(other / "metrics.json")["steps"] == 12 and not (tmp_path / "run").exists()
+
+
 def test_a_signal_during_the_last_step_still_finishes_the_run(tmp_path, tiny_model, monkeypatch):
     path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run"))
     _interrupt_at(monkeypatch, 11)  # SIGTERM while step 12 of 12 runs
