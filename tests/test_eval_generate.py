@@ -169,12 +169,35 @@ def test_generate_command(cli, run, tiny_model):
     assert bad.code == 2 and "NAME=RUN" in bad.err
 
 
-def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_model):
+def _script_eval_losses(monkeypatch, losses: dict[int, float]) -> None:
+    """Make the eval at step N report losses[N] (logged, and seen by every callback), so the
+    early-stopping decisions do not hang on how a tiny model happens to learn."""
+    from peftcli.training import stage
+
+    real_build = stage.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = real_build(*args, **kwargs)
+        real_loop = trainer.evaluation_loop
+
+        def loop(*a, **k):
+            output = real_loop(*a, **k)
+            if trainer.state.global_step in losses and "eval_loss" in output.metrics:
+                output.metrics["eval_loss"] = losses[trainer.state.global_step]
+            return output
+
+        trainer.evaluation_loop = loop
+        return trainer
+
+    monkeypatch.setattr(stage, "build_trainer", build)
+
+
+def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_model, monkeypatch):
     from peftcli.recipe import load_recipe
     from peftcli.training import run_training
 
-    # A huge threshold: no eval after the first counts as an improvement, so patience 1 stops at
-    # the second eval (step 10) and the best adapter is the one of step 5.
+    # The eval loss rises at step 10: patience 1 stops there, and the best adapter is step 5's.
+    _script_eval_losses(monkeypatch, {5: 1.0, 10: 2.0})
     recipe = base_recipe(
         tiny_model,
         tmp_path / "run",
@@ -184,7 +207,6 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_model):
             "save_steps": 5,
             "save_total_limit": None,
             "early_stopping_patience": 1,
-            "early_stopping_threshold": 100.0,
         },
     )
     outcome = run_training(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
@@ -205,14 +227,33 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_model):
     assert all(torch.equal(kept[k], at_step_5[k]) for k in at_step_5)
 
 
-def test_early_stopping_result_survives_a_kill_after_the_last_checkpoint(tmp_path, tiny_model, cli):
+def test_early_stopping_threshold_sets_the_patience_not_the_best(tmp_path, tiny_model, monkeypatch):
+    """Gains of at most the threshold use up the patience, but the lowest loss is still the best."""
+    from peftcli.recipe import load_recipe
+    from peftcli.training import run_training
+
+    _script_eval_losses(monkeypatch, {4: 4.0, 8: 3.9, 12: 3.8, 16: 3.0})
+    training = {"max_steps": 40, "eval_steps": 4, "save_steps": 4, "save_total_limit": None}
+    training |= {"early_stopping_patience": 2, "early_stopping_threshold": 0.5}
+    recipe = base_recipe(tiny_model, tmp_path / "run", training=training)
+    outcome = run_training(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    metrics = read_json(outcome.run_dir / "metrics.json")
+    assert metrics["stopped_early"] is True and metrics["steps"] == 12
+    assert metrics["best_step"] == 12 and metrics["eval_loss"] == 3.8
+    best = load_file(outcome.run_dir / "adapter" / "adapter_model.safetensors")
+    at_step_12 = load_file(outcome.run_dir / "checkpoint-12" / "adapter_model.safetensors")
+    assert all(torch.equal(best[k], at_step_12[k]) for k in best)
+
+
+def test_early_stopping_result_survives_a_kill_after_the_last_checkpoint(tmp_path, tiny_model, cli, monkeypatch):
     """Killed after the last checkpoint, before adapter/ was written: the resume finds nothing left to
     train and must still ship the best adapter (step 5), not the last weights (step 10)."""
+    _script_eval_losses(monkeypatch, {5: 1.0, 10: 2.0})
     recipe = base_recipe(
         tiny_model,
         tmp_path / "run",
         training={"max_steps": 10, "eval_steps": 5, "save_steps": 5, "save_total_limit": None}
-        | {"early_stopping_patience": 1, "early_stopping_threshold": 100.0},
+        | {"early_stopping_patience": 1},
     )
     path = write_recipe(tmp_path / "r.yaml", recipe)
     assert cli("train", path).code == 0

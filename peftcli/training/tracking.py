@@ -32,12 +32,15 @@ class EvalTracker(TrainerCallback):
         self.stopped_early = False
 
     def _update(self, step: int, loss: float) -> bool:
-        improved = self.best is None or loss < self.best - self.threshold
-        if improved:
-            self.best, self.best_step, self.bad_evals = loss, step, 0
-        else:
-            self.bad_evals += 1
-        return improved
+        """Record an eval; True when it is the lowest loss so far. As in transformers' early
+        stopping, the threshold only decides what resets the patience: the best adapter is the
+        lowest loss, however small the gain."""
+        significant = self.best is None or loss < self.best - self.threshold
+        new_best = self.best is None or loss < self.best
+        if new_best:
+            self.best, self.best_step = loss, step
+        self.bad_evals = 0 if significant else self.bad_evals + 1
+        return new_best
 
     def on_train_begin(self, args, state, control, **kwargs):
         for entry in state.log_history:  # non-empty after a resume
@@ -48,16 +51,24 @@ class EvalTracker(TrainerCallback):
         loss = (metrics or {}).get("eval_loss")
         if loss is None:
             return control
-        improved = self._update(state.global_step, loss)
+        new_best = self._update(state.global_step, loss)
         if self.patience is None:
             return control
-        if improved and model is not None and state.is_world_process_zero:
+        if new_best and model is not None and state.is_world_process_zero:
             with atomic_dir(self.run_dir / BEST) as tmp:
                 self.save(model, tmp)
             atomic_write_json(self.run_dir / BEST_INFO, {"step": self.best_step, "eval_loss": self.best})
-        if not improved and self.bad_evals >= self.patience:
+        if self.bad_evals >= self.patience and state.global_step < state.max_steps:
             self.stopped_early = True
             control.should_training_stop = True
+            if state.is_world_process_zero:
+                from peftcli import console
+
+                console.note(
+                    f"early stopping at step {state.global_step}: {self.bad_evals} evals without an improvement "
+                    f"of more than {self.threshold:g}; adapter/ will be the best, step {self.best_step} "
+                    f"(eval loss {self.best:.4f})"
+                )
         return control
 
     def summary(self) -> dict:
