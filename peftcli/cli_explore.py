@@ -29,6 +29,9 @@ def compare(
 ) -> None:
     """Train the same recipe once per method and compare params, size, memory, speed and loss.
 
+    Every method is checked first, as `validate` does (exit 2 if one cannot run).
+    A method that fails while training gets a `failed` row; the command then exits non-zero.
+
     [dim]Example: peftcli compare recipes/demo.yaml --methods lora,dora,ia3,prompt_tuning[/]
     """
     from peftcli.compare import parse_methods, run_compare
@@ -91,7 +94,7 @@ def init(
     if method not in REGISTRY:
         raise UserError(f"--method {method!r}: unknown method", hint=f"methods: {', '.join(REGISTRY)}")
     name = "run" if str(out) == "-" else out.stem
-    text = starter(method, model, data, name)
+    text = starter(method, model, data, name, out)
     if str(out) == "-":
         console.out.print(text, markup=False, end="")
         return

@@ -4,6 +4,12 @@ peak memory, tokens/s, wall time, final train loss, eval loss.
 
 Each method trains in its own process (`peftcli train`), so peak memory is that method's alone and
 one method failing does not stop the others.
+
+Before anything trains or is written, every method is put through the checks `peftcli validate`
+runs (the recipe with that method, then the model folder, context length and architecture): a method
+that cannot run on this recipe stops the command with exit code 2, naming the method. A method that
+still fails while training keeps its `failed` row in the reports, which are written as usual; the
+command then names the failed methods and exits 2 if every failure was a user error, else 1.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from pathlib import Path
 import yaml
 
 from peftcli import console
-from peftcli.errors import UserError
+from peftcli.errors import EXIT_BUG, EXIT_USER, ReportedError, UserError
 from peftcli.methods import REGISTRY
+from peftcli.preflight import check_environment
 from peftcli.recipe import Recipe, recipe_to_yaml
 from peftcli.recipe.load import RawRecipe, validate
 from peftcli.rundir import artifact_dir, atomic_save_figure, atomic_write_json, atomic_write_text, check_replaceable
@@ -58,6 +65,36 @@ def variant(recipe: Recipe, method: str, out: Path) -> Recipe:
     return validate(RawRecipe(data=data, path=Path(f"--methods {method}")))
 
 
+def check_methods(recipe: Recipe, methods: list[str], out: Path) -> dict[str, Recipe]:
+    """Each method's recipe, after the checks `peftcli validate` runs (no weights, no torch): every
+    refusal happens here, before anything trains or is written."""
+    variants: dict[str, Recipe] = {}
+    refused: dict[str, UserError] = {}
+    for method in methods:
+        try:
+            variants[method] = variant(recipe, method, out)
+            check_environment(variants[method], deep=False)
+        except UserError as exc:
+            refused[method] = exc
+    if not refused:
+        return variants
+    reasons = {method: exc.message.removeprefix(f"--methods {method}: ") for method, exc in refused.items()}
+    first = next(iter(refused))
+    if len(methods) > 1 and len(refused) == len(methods) and len(set(reasons.values())) == 1:
+        raise UserError(reasons[first], hint=refused[first].hint)  # the recipe itself, not one method
+    others = [m for m in refused if m != first]
+    hint = "; ".join(filter(None, [refused[first].hint, f"also refused: {', '.join(others)}" if others else None]))
+    raise UserError(f"--methods {first}: {reasons[first]}", hint=hint or f"drop {first} from --methods")
+
+
+class MethodsFailed(ReportedError):
+    """Some methods failed while training: the reports are written, the exit code says so."""
+
+    def __init__(self, message: str, hint: str, exit_code: int):
+        super().__init__(message, hint)
+        self.exit_code = exit_code
+
+
 def _artifact_mb(run_dir: Path, method: str) -> float:
     folder = artifact_dir(run_dir, REGISTRY[method])
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
@@ -74,7 +111,12 @@ def _run_one(recipe_file: Path, run_dir: Path, method: str) -> dict:
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        return {"status": "failed", "error": errors[0] if errors else proc.stderr.strip()[-300:], "wall_s": wall}
+        return {
+            "status": "failed",
+            "error": errors[0] if errors else proc.stderr.strip()[-300:],
+            "exit_code": proc.returncode,
+            "wall_s": wall,
+        }
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     keep = (
         "trainable_params",
@@ -94,6 +136,18 @@ def _run_one(recipe_file: Path, run_dir: Path, method: str) -> dict:
         "artifact_mb": _artifact_mb(run_dir, method),
         **{k: metrics.get(k) for k in keep},
     }
+
+
+def _run_guarded(recipe_file: Path, run_dir: Path, method: str) -> dict:
+    """`_run_one`, with anything it raises (say, unreadable metrics) recorded as that method's failure."""
+    started = time.perf_counter()
+    try:
+        return _run_one(recipe_file, run_dir, method)
+    except ReportedError as exc:
+        error, code = f"error: {exc.message}", exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - one method's failure must not lose the others' results
+        error, code = f"error: unexpected {exc.__class__.__name__}: {exc}", EXIT_BUG
+    return {"status": "failed", "error": error, "exit_code": code, "wall_s": time.perf_counter() - started}
 
 
 def _cell(value, fmt: str) -> str:
@@ -137,7 +191,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool = False) -> list[dict]:
-    variants = {m: variant(recipe, m, out) for m in methods}  # every refusal before any training
+    variants = check_methods(recipe, methods, out)  # every refusal before any training or writing
     check_replaceable(out, overwrite, "--out", "compare.json", flag="--overwrite")
     if out.exists() and overwrite:
         shutil.rmtree(out)
@@ -149,7 +203,7 @@ def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool =
         recipe_file = out / f"{method}.yaml"
         atomic_write_text(recipe_file, recipe_to_yaml(recipe_variant))
         with console.err.status(f"[{index}/{len(methods)}] training with {method}"):
-            row = {"method": method, **_run_one(recipe_file, out / method, method)}
+            row = {"method": method, **_run_guarded(recipe_file, out / method, method)}
         rows.append(row)
         verdict = (
             f"train loss {_cell(row.get('train_loss'), '{:.4f}')}, eval loss {_cell(row.get('eval_loss'), '{:.4f}')}"
@@ -159,7 +213,8 @@ def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool =
         console.err.print(f"[{index}/{len(methods)}] {method}: {verdict} ({row['wall_s']:.1f} s)", markup=False)
 
     t = recipe.training
-    summary = {"recipe": yaml.safe_load(recipe_to_yaml(recipe)), "methods": methods, "rows": rows}
+    failed = [r["method"] for r in rows if r["status"] != "completed"]
+    summary = {"recipe": yaml.safe_load(recipe_to_yaml(recipe)), "methods": methods, "failed": failed, "rows": rows}
     atomic_write_json(out / "compare.json", summary)
     plot(rows, out / "compare.png")
     length = t.describe_length()
@@ -184,4 +239,12 @@ def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool =
     atomic_write_text(out / "compare.md", text)
     console.out.print(markdown_table(rows), markup=False)
     console.out.print(f"written to {out / 'compare.md'} (+ compare.json, compare.png)")
+    if failed:
+        user = all(r.get("exit_code") == EXIT_USER for r in rows if r["status"] != "completed")
+        raise MethodsFailed(
+            f"{len(failed)} of {len(rows)} methods failed: {', '.join(failed)}",
+            hint=f"each failure's reason is in its row of {out / 'compare.md'}; "
+            f"rerun one with `peftcli train {out}/<method>.yaml --overwrite` to see its full output",
+            exit_code=EXIT_USER if user else EXIT_BUG,
+        )
     return rows

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+from pathlib import Path
+
 import yaml
 
+from peftcli.errors import UserError
 from peftcli.methods import REGISTRY
 
 # Learning rates that suit each family better than LoRA's 2e-4 (prompt methods train few
@@ -21,18 +27,100 @@ LEARNING_RATE = {
 }
 
 
+# Context length written when the model's own is unknown (a hub id) or longer.
+MAX_LENGTH = 1024
+# Inline comments start at this column; a longer line gets its comment on the line above instead.
+COMMENT_COLUMN = 40
+
+
 def _value(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    """`value` as one line of YAML flow scalar, quoted where YAML would otherwise misread it."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip().removesuffix("...").strip()
+    if "\n" in text:  # a multi-line string: escapes keep it on one line
+        text = yaml.safe_dump(value, default_style='"', width=float("inf")).strip()
+    return text
 
 
-def _line(key: str, value, comment: str = "", indent: str = "  ", commented: bool = False) -> str:
+def _line(key: str, value, comment: str = "", indent: str = "  ", commented: bool = False) -> str | list[str]:
     text = f"{'# ' if commented else ''}{indent}{key}: {_value(value)}"
-    return f"{text:<40}# {comment}" if comment else text
+    if not comment:
+        return text
+    if len(text) < COMMENT_COLUMN:  # padded to the column: at least one space before the `#`
+        return f"{text:<{COMMENT_COLUMN}}# {comment}"
+    return [f"{indent}# {comment}", text]  # no room on the line: the comment goes above
 
 
-def starter(method_name: str, model: str, data: str, name: str) -> str:
+def _flatten(lines: list) -> list[str]:
+    out: list[str] = []
+    for line in lines:
+        out.extend(line if isinstance(line, list) else [line])
+    return out
+
+
+def _exists_here(value: str) -> bool:
+    """Whether `value` names something in the local file system (a glob: one that matches)."""
+    expanded = os.path.expanduser(value)
+    if os.path.exists(expanded):
+        return True
+    return any(ch in value for ch in "*?[") and bool(glob.glob(expanded))
+
+
+def _for_recipe(value: str, out: str | os.PathLike | None) -> str:
+    """A path given relative to the current directory, rewritten to resolve to the same place from
+    the recipe (whose relative paths resolve against its own folder).
+
+    Absolute paths, `~` paths and names that exist nowhere here (hub ids, data still to come) are
+    written as given. Without a recipe file (`--out -`) an existing relative path becomes absolute."""
+    if not value or os.path.isabs(os.path.expanduser(value)) or not _exists_here(value):
+        return value
+    target = os.path.realpath(value)
+    if out is None or str(out) == "-":
+        return target
+    folder = os.path.dirname(os.path.realpath(os.fspath(out)))
+    try:
+        return os.path.relpath(target, folder)
+    except ValueError:  # another drive (Windows): no relative path leads there
+        return target
+
+
+def _local_config(model: str) -> dict:
+    """config.json of a local model folder as a dict; {} for a hub id or a config that cannot be read."""
+    path = Path(os.path.expanduser(model)) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _check_model(method_name: str, model: str, config: dict) -> None:
+    """Refuse a method the local model cannot run, as `peftcli validate` would (preflight.py)."""
+    method = REGISTRY[method_name]
+    model_type = config.get("model_type")
+    if method.model_types is not None and config and model_type not in method.model_types:
+        raise UserError(
+            f"--method {method_name} does not support the model at {model} (model type '{model_type}')",
+            hint=f"it supports: {', '.join(sorted(method.model_types))}; or choose another --method",
+        )
+
+
+def _max_length(config: dict) -> int:
+    context = config.get("max_position_embeddings")
+    if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+        return min(MAX_LENGTH, context)
+    return MAX_LENGTH
+
+
+def starter(method_name: str, model: str, data: str, name: str, out: str | os.PathLike | None = None) -> str:
+    """The starter recipe's text. `model` and `data` are as the user gave them (relative to the current
+    directory); `out` is where the recipe will be written (None or '-': printed), which decides how
+    local paths are written. Raises UserError when the method cannot run on a local model."""
     method = REGISTRY[method_name]
     fields = method.spec.model_fields
+    config = _local_config(model)
+    _check_model(method_name, model, config)
+    model = _for_recipe(model, out)
+    data = _for_recipe(data, out)
     lines = [
         "# A peftcli recipe, written by `peftcli init`. Check it: `peftcli validate recipe.yaml`; see the",
         "# training data as the model will: `peftcli data preview recipe.yaml`. Every key: `peftcli schema`.",
@@ -62,7 +150,7 @@ def starter(method_name: str, model: str, data: str, name: str) -> str:
         _line("eval_split", 0.05, "held-out share of train; or eval: held_out.jsonl"),
         _line("format", "auto", "auto | messages | sharegpt | alpaca | prompt_completion | text"),
         _line("chat_template", "auto", "auto | chatml | llama3 | mistral | path/to/template.jinja"),
-        _line("max_length", 1024, "tokens per example"),
+        _line("max_length", _max_length(config), "tokens per example"),
         _line("packing", "auto", "pack examples into padding-free rows: auto = on a GPU with flash attention")
         if method.packing
         else "  # (packing does not combine with this method)",
@@ -83,4 +171,4 @@ def starter(method_name: str, model: str, data: str, name: str) -> str:
         _line("dir", f"runs/{name}", "the run directory"),
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(_flatten(lines))

@@ -42,7 +42,11 @@ def fit_lines(recipe: Recipe, config: dict) -> list[str]:
         guess = estimate(recipe, config)
     except (KeyError, TypeError, ZeroDivisionError):
         return ["fit estimate: not available for this model's config"] if config else []
-    share = 100 * guess.trainable_params / max(guess.total_params, 1)
+    from peftcli.methods import method_of
+
+    # As PEFT and the run report count it: a share of all parameters, the adapter's included.
+    everything = guess.total_params + (0 if method_of(recipe.peft).saves_full_model else guess.trainable_params)
+    share = 100 * guess.trainable_params / max(everything, 1)
     lines = [
         f"parameters: {guess.total_params / 1e6:,.1f}M in the base, {guess.trainable_params / 1e6:,.3f}M "
         f"trainable ({share:.3f} %)",

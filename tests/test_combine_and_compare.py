@@ -164,3 +164,56 @@ def test_merge_and_compare_never_replace_what_they_did_not_write(two_runs, cli, 
     recipe = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run"))
     compared = cli("compare", recipe, "--methods", "lora", "--out", other, "--overwrite")
     assert compared.code == 2 and (other / "keep.txt").exists()
+
+
+def test_compare_refuses_a_method_the_architecture_lacks_before_training(cli, tmp_path, tiny_qwen):
+    """validate's no-weights checks run for every method first: nothing trains, nothing is written."""
+    run, out = tmp_path / "run", tmp_path / "cmp"
+    path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_qwen, run, training={"max_steps": 2}))
+    result = cli("compare", path, "--methods", "lora,adaption_prompt,ia3", "--out", out)
+    assert result.code == 2, result.err
+    assert result.error_lines == [
+        "error: --methods adaption_prompt: peft.method 'adaption_prompt' does not support model type 'qwen2'"
+    ]
+    assert "training with" not in result.err and not out.exists() and not run.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+    # A problem of the recipe, not of one method, is said once, without a method.
+    missing = write_recipe(tmp_path / "r.yaml", base_recipe(tmp_path / "no-model", run))
+    result = cli("compare", missing, "--methods", "lora,ia3", "--out", out)
+    assert result.code == 2 and result.error_lines == [f"error: model.name: {tmp_path / 'no-model'} does not exist"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_compare_exits_nonzero_when_a_method_fails_while_training(cli, tmp_path, tiny_model, monkeypatch):
+    """A runtime failure keeps its row and the reports; the exit code is the failure's class."""
+    from peftcli import compare
+    from peftcli.errors import UserError
+
+    real = compare._run_one
+    failure = {"ia3": UserError("out of memory")}
+
+    def run_one(recipe_file, run_dir, method):
+        if method in failure:
+            raise failure[method]
+        return real(recipe_file, run_dir, method)
+
+    monkeypatch.setattr(compare, "_run_one", run_one)
+    path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 2}))
+    out = tmp_path / "cmp"
+    result = cli("compare", path, "--methods", "lora,ia3", "--out", out)
+    assert result.code == 2, result.err
+    assert result.error_lines == ["error: 1 of 2 methods failed: ia3"]
+    table = (out / "compare.md").read_text()
+    assert "| ia3 | failed: error: out of memory |" in table and "| lora | " in table
+    summary = read_json(out / "compare.json")
+    assert summary["failed"] == ["ia3"]
+    assert [r["status"] for r in summary["rows"]] == ["completed", "failed"]
+    assert (out / "lora" / "adapter" / "adapter_config.json").exists()
+
+    # Anything that is not a user error (a crash, a killed process) exits 1.
+    failure = {"lora": RuntimeError("boom"), "ia3": UserError("out of memory")}
+    result = cli("compare", path, "--methods", "lora,ia3", "--out", out, "--overwrite")
+    assert result.code == 1, result.err
+    assert result.error_lines == ["error: 2 of 2 methods failed: lora, ia3"]
+    assert "| lora | failed: error: unexpected RuntimeError: boom |" in (out / "compare.md").read_text()

@@ -183,3 +183,10 @@ def test_merge_that_does_not_reproduce_the_adapter_fails_and_writes_nothing(trai
     assert "merged logits differ from the adapter model's" in result.err and "nothing was written" in result.err
     assert (out / "model.safetensors").read_bytes() == before  # the previous merge is intact
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_validate_predicts_the_trainable_share_the_run_reports(trained_run, cli):
+    metrics = read_json(trained_run / "metrics.json")
+    result = cli("validate", trained_run / "recipe.yaml")
+    assert result.code == 0, result.err
+    assert f"trainable ({metrics['trainable_percent']:.3f} %)" in result.err
