@@ -43,3 +43,10 @@ class Interrupted(ReportedError):
     def __init__(self, signum: int, message: str, hint: str | None = None):
         super().__init__(message, hint)
         self.exit_code = 128 + signum
+
+
+# Where a relative path in an error message was resolved from (the hint of every "not found").
+PATH_RULE = (
+    "relative paths in a recipe file resolve against its folder; on the command line (--set, --data), "
+    "against the current directory"
+)

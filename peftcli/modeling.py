@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from peftcli.errors import UserError
+from peftcli.errors import PATH_RULE, UserError
 from peftcli.recipe import ModelSection, QuantizationSection
 
 
@@ -65,7 +65,7 @@ def check_model_source(model: ModelSection) -> None:
         return  # a hub id: transformers reports what it can
     path = Path(model.name)
     if not path.exists():
-        raise UserError(f"model.name: {path} does not exist", hint="relative paths resolve against the recipe's folder")
+        raise UserError(f"model.name: {path} does not exist", hint=PATH_RULE)
     if not path.is_dir():
         raise UserError(f"model.name: {path} is a file; expected a model folder with config.json")
     if not (path / "config.json").exists():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftcli.errors import UserError
+from peftcli.errors import PATH_RULE, UserError
 from peftcli.recipe import DataSource
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -57,7 +57,7 @@ def read_source(source: DataSource, key: str) -> list[Row | BadRow]:
         return [row for file in files for row in _read_file(file, key)]
     if local.is_file():
         return _read_file(local, key)
-    raise UserError(f"{key}: data file not found: {path}", hint="relative paths resolve against the recipe's folder")
+    raise UserError(f"{key}: data file not found: {path}", hint=PATH_RULE)
 
 
 def _read_file(path: Path, key: str) -> list[Row | BadRow]:
@@ -194,7 +194,7 @@ def _read_hub(source: DataSource, key: str) -> list[Row | BadRow]:
         raise UserError(
             f"{key}: cannot load '{source.path}': not a local file or folder, and the hub said: "
             f"{str(exc).splitlines()[0][:200]}",
-            hint="check the path (relative paths resolve against the recipe's folder) or your network/HF_TOKEN",
+            hint=f"check the path ({PATH_RULE}) or your network/HF_TOKEN",
         ) from None
     name = source.path.rsplit("/", 1)[-1]
     return [Row(record, f"{name}[{source.split}] row {i}") for i, record in enumerate(loaded, start=1)]
