@@ -191,3 +191,16 @@ def test_relative_paths_never_resolve_against_the_working_directory(tmp_path, mo
     monkeypatch.chdir(tmp_path / "cwd")
     (tmp_path / "recipes" / "models" / "tiny").mkdir(parents=True)
     assert load_recipe(path).model.name == str(tmp_path / "recipes" / "models" / "tiny")
+
+
+def test_switching_method_with_set_says_how(tmp_path, cli, tiny_model):
+    """`--set peft.method=ia3` on a LoRA recipe leaves LoRA's keys behind: one line names them all and
+    the way to replace the section, and that way works."""
+    recipe = ROOT / "recipes" / "demo.yaml"
+    model = f"model.name={tiny_model}"  # the demo's own model is built by `make demo`
+    result = cli("validate", recipe, "--set", model, "--set", "peft.method=ia3")
+    assert result.code == 2
+    assert "'r', 'alpha', 'dropout' are not keys of peft.method 'ia3'" in result.err
+    assert "--set 'peft={method: ia3}'" in result.err
+    switched = cli("validate", recipe, "--set", model, "--set", "peft={method: ia3}")
+    assert switched.code == 0, switched.err

@@ -309,7 +309,9 @@ def _wrong_method_keys(method: str, names: list[str], where: str = "", origin: s
         guess = f"did you mean '{close[0]}'? " if close else ""
         return f"{where}peft.{names[0]}{origin}: '{names[0]}' is not a key of peft.method '{method}'; {guess}{takes}"
     quoted = ", ".join(f"'{n}'" for n in names)
-    return f"peft: {quoted} are not keys of peft.method '{method}'; {takes}"
+    # Usually the previous method's keys, left after switching with --set peft.method=...
+    switch = f" (to switch on the command line, replace the section: --set 'peft={{method: {method}}}')"
+    return f"peft: {quoted} are not keys of peft.method '{method}'; {takes}{switch}"
 
 
 def _group_method_keys(errors: list[dict], raw: RawRecipe) -> list[dict | str]:
