@@ -44,6 +44,11 @@ def check_environment(recipe: Recipe, deep: bool = True) -> None:
             f"data.max_length {recipe.data.max_length} exceeds the model's context ({context} tokens)",
             hint=f"set data.max_length to {context} or less",
         )
+    check_architecture(method, config)
+
+
+def check_architecture(method, config: dict) -> None:
+    """Methods tied to some architectures (adaption_prompt) refuse others; {} (a hub id) passes."""
     if method.model_types is not None and config and config.get("model_type") not in method.model_types:
         raise UserError(
             f"peft.method '{method.name}' does not support model type '{config.get('model_type')}'",

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
-from pathlib import Path
 
 import yaml
 
-from peftcli.errors import UserError
+from peftcli import modeling
 from peftcli.methods import REGISTRY
+from peftcli.preflight import check_architecture
+from peftcli.recipe import ModelSection
 
 # Learning rates that suit each family better than LoRA's 2e-4 (prompt methods train few
 # parameters far from the weights; full fine-tuning needs a much smaller step).
@@ -84,24 +84,12 @@ def _for_recipe(value: str, out: str | os.PathLike | None) -> str:
 
 
 def _local_config(model: str) -> dict:
-    """config.json of a local model folder as a dict; {} for a hub id or a config that cannot be read."""
-    path = Path(os.path.expanduser(model)) / "config.json"
+    """config.json of a local model folder given as typed (relative to here); {} for a hub id or a
+    config that cannot be read (validate reports that one later)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return modeling.read_config(ModelSection(name=os.path.abspath(os.path.expanduser(model))))
     except (OSError, ValueError):
         return {}
-    return config if isinstance(config, dict) else {}
-
-
-def _check_model(method_name: str, model: str, config: dict) -> None:
-    """Refuse a method the local model cannot run, as `peftcli validate` would (preflight.py)."""
-    method = REGISTRY[method_name]
-    model_type = config.get("model_type")
-    if method.model_types is not None and config and model_type not in method.model_types:
-        raise UserError(
-            f"--method {method_name} does not support the model at {model} (model type '{model_type}')",
-            hint=f"it supports: {', '.join(sorted(method.model_types))}; or choose another --method",
-        )
 
 
 def _max_length(config: dict) -> int:
@@ -118,7 +106,7 @@ def starter(method_name: str, model: str, data: str, name: str, out: str | os.Pa
     method = REGISTRY[method_name]
     fields = method.spec.model_fields
     config = _local_config(model)
-    _check_model(method_name, model, config)
+    check_architecture(method, config)  # as validate would: before anything is written
     model = _for_recipe(model, out)
     data = _for_recipe(data, out)
     lines = [

@@ -225,18 +225,24 @@ def test_lora_variants_reload_on_the_original_base(keys, tmp_path, tiny_model, c
     assert (_logits(merged, probe) - trained).abs().max() < 1e-4
 
 
-def test_adalora_budget_follows_the_real_step_count(tmp_path, tiny_model):
-    """With epochs and packing the step count is only known to the trainer; AdaLoRA must use it."""
-    from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
-
+def _packed_adalora(tmp_path, tiny_model, tinit: int) -> dict:
+    """One epoch, packed: the real step count is only known once the trainer has packed the rows."""
     recipe = base_recipe(
         tiny_model,
         tmp_path / "run",
         data={"packing": True},
         training={"max_steps": None, "epochs": 1, "save_steps": 1000},
     )
-    recipe["peft"] = {"method": "adalora", "init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1}
+    recipe["peft"] = {"method": "adalora", "init_r": 6, "target_r": 2, "tinit": tinit, "tfinal": 1}
+    return recipe
+
+
+def test_adalora_budget_follows_the_real_step_count(tmp_path, tiny_model):
+    """With epochs and packing the step count is only known to the trainer; AdaLoRA must use it."""
+    from peftcli.recipe import load_recipe
+    from peftcli.training import run_training
+
+    recipe = _packed_adalora(tmp_path, tiny_model, tinit=1)
     outcome = run_training(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
     steps = read_json(outcome.run_dir / "metrics.json")["steps"]
     assert outcome.model.peft_config["default"].total_step == steps
@@ -246,13 +252,7 @@ def test_adalora_budget_follows_the_real_step_count(tmp_path, tiny_model):
 def test_adalora_budget_too_short_for_the_real_steps_leaves_no_run(tmp_path, tiny_model, cli):
     """The estimate (unpacked rows) leaves room for tinit, the packed step count does not: the error
     comes once training starts, and the half-made run folder must not block a corrected rerun."""
-    recipe = base_recipe(
-        tiny_model,
-        tmp_path / "run",
-        data={"packing": True},
-        training={"max_steps": None, "epochs": 1, "save_steps": 1000},
-    )
-    recipe["peft"] = {"method": "adalora", "init_r": 6, "target_r": 2, "tinit": 25, "tfinal": 1}
+    recipe = _packed_adalora(tmp_path, tiny_model, tinit=25)
     result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
     assert result.code == 2, result.err
     assert "peft.tinit (25)" in result.err and "training steps" in result.err

@@ -8,6 +8,8 @@ key by key, and any training-relevant difference stops the resume unless `--forc
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from peftcli.errors import UserError
 from peftcli.launch import is_main_process
 from peftcli.recipe import Recipe
 from peftcli.rundir import ADAPTER, MODEL, RECIPE
-from peftcli.training.checkpoints import missing_files, newest_complete
+from peftcli.training.checkpoints import CHECKPOINT, checkpoints, missing_files, newest_complete
 
 # Keys that change how often things are logged or kept, or what eval reads, not what is trained.
 NOT_TRAINING_RELEVANT = (
@@ -122,11 +124,7 @@ def discard_abandoned(run_dir: Path, checkpoint: Path) -> list[str]:
     PATH`, often with `--force` and a changed key) starts a new timeline from there, and a later
     checkpoint or best adapter of the old one would otherwise be picked by the next `--resume` or
     become `adapter/`. Returns the names removed. Rank 0 only."""
-    import json
-    import shutil
-
-    from peftcli.training.checkpoints import CHECKPOINT, checkpoints
-    from peftcli.training.tracking import BEST, BEST_INFO
+    from peftcli.training.tracking import BEST, BEST_INFO  # imports transformers: only when resuming
 
     match = CHECKPOINT.match(checkpoint.name)
     if match is None:

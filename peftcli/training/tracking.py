@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from peftcli import console
 from peftcli.rundir import atomic_dir, atomic_write_json
 
 BEST = "best-adapter"  # the best adapter so far (early stopping); becomes adapter/ at the end
@@ -62,8 +63,6 @@ class EvalTracker(TrainerCallback):
             self.stopped_early = True
             control.should_training_stop = True
             if state.is_world_process_zero:
-                from peftcli import console
-
                 console.note(
                     f"early stopping at step {state.global_step}: {self.bad_evals} evals without an improvement "
                     f"of more than {self.threshold:g}; adapter/ will be the best, step {self.best_step} "
