@@ -91,10 +91,15 @@ class Session:
         self.base_tokenizer = modeling.load_tokenizer(model_section)
         self.adapters: dict[str, Adapter] = {}
         for (name, run), recipe in zip(runs, recipes):
-            if not self.adapters:
-                self.model = PeftModel.from_pretrained(self.model, str(run.adapter), adapter_name=name)
-            else:
-                self.model.load_adapter(str(run.adapter), adapter_name=name)
+            try:
+                if not self.adapters:
+                    self.model = PeftModel.from_pretrained(self.model, str(run.adapter), adapter_name=name)
+                else:
+                    self.model.load_adapter(str(run.adapter), adapter_name=name)
+            except Exception as exc:  # noqa: BLE001 - torch and peft phrase a mismatch in several types
+                if modeling.is_shape_mismatch(exc):
+                    raise modeling.adapter_mismatch(f"{name} ({run.adapter})", model_section.name, exc) from None
+                raise
             tokenizer = modeling.load_tokenizer(recipe.model, path=str(run.adapter))
             chat = (run.metrics().get("data") or {}).get("chat_template") is not None
             self.adapters[name] = Adapter(name, run.path, tokenizer, chat)

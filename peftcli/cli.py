@@ -7,6 +7,7 @@ instant because stages are imported inside the commands that need them.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from peftcli import console
+from peftcli import console, interruption
 from peftcli.cli_explore import explore
 from peftcli.cli_options import RecipeArg, SetOpt, load
 from peftcli.errors import EXIT_BUG, EXIT_USER, ReportedError, UserError
@@ -121,6 +122,7 @@ def train(
         console=console.err,
         # With --set overrides the run's saved recipe.yaml is what resumes it (it holds them).
         source=None if set_ else str(recipe),
+        recipe_file=recipe.resolve(),
     )
     if launch.is_main_process():
         metrics = outcome.run_dir / "metrics.json"
@@ -161,13 +163,14 @@ def evaluate(
             raise UserError("--num-samples > 1 needs --temperature > 0 (greedy samples are identical)")
     elif any(v is not None for v in (max_new_tokens, temperature, num_samples, limit)):
         raise UserError("--max-new-tokens, --temperature, --num-samples and --limit apply with --generate")
-    run_eval(
-        run,
-        data_path=data,
-        batch_size=batch_size,
-        generate=options,
-        reference=str(reference.resolve()) if reference else None,
-    )
+    with interruption.saving(f"the eval results were not written ({run / 'eval.json'} is as it was)"):
+        run_eval(
+            run,
+            data_path=data,
+            batch_size=batch_size,
+            generate=options,
+            reference=str(reference.resolve()) if reference else None,
+        )
 
 
 @app.command()
@@ -214,20 +217,48 @@ def merge(
             raise UserError(f"{', '.join(extra)} combine several runs; give two or more run directories")
         from peftcli.merge import run_merge
 
-        run_merge(runs[0], out, dtype=dtype, force=force)
+        with interruption.saving(f"nothing was written to {out}"):
+            run_merge(runs[0], out, dtype=dtype, force=force)
         return
     from peftcli.combine import run_combine
 
-    run_combine(
-        runs,
-        out,
-        weights=weights,
-        combination=combination,
-        density=density,
-        as_adapter=as_adapter,
-        dtype=dtype,
-        force=force,
-    )
+    with interruption.saving(f"nothing was written to {out}"):
+        run_combine(
+            runs,
+            out,
+            weights=weights,
+            combination=combination,
+            density=density,
+            as_adapter=as_adapter,
+            dtype=dtype,
+            force=force,
+        )
+
+
+# File-system conditions the user (or the machine) has to fix, not bugs.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some space (what was saved before is complete: every write is atomic)",
+    errno.EDQUOT: "free some space or raise the quota (what was saved before is complete)",
+    errno.EROFS: "write to a writable location",
+    errno.EACCES: "check the permissions of that path",
+    errno.EPERM: "check the permissions of that path",
+    errno.EMFILE: "raise the open-file limit (ulimit -n)",
+    errno.ENFILE: "raise the system's open-file limit",
+    errno.EIO: "the disk or network file system reported an I/O error",
+}
+
+
+def environment_error(exc: BaseException) -> tuple[str, str] | None:
+    """(message, hint) for an operating-system failure that is not peftcli's fault: a full disk, a
+    read-only or unreadable path. Libraries written in Rust (safetensors, tokenizers) report a full
+    disk in their own words, so the text is checked as well."""
+    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc.__class__.__name__}{where}", _ENVIRONMENT_ERRNOS[exc.errno]
+    text = str(exc)
+    if "No space left on device" in text or "StorageFull" in text or "os error 28" in text:
+        return f"no space left on device ({text.splitlines()[0][:200]})", _ENVIRONMENT_ERRNOS[errno.ENOSPC]
+    return None
 
 
 def _debug() -> bool:
@@ -288,7 +319,16 @@ def main(argv: list[str] | None = None) -> None:
         # Library deprecation chatter is not actionable for our users; PEFTCLI_DEBUG=1 shows it.
         warnings.filterwarnings("ignore")
     try:
-        app(args=_resume_flag(sys.argv[1:] if argv is None else argv), prog_name="peftcli", standalone_mode=False)
+        args = _resume_flag(sys.argv[1:] if argv is None else argv)
+        # Ctrl-C/SIGTERM: clean up on the way out, say what was saved, exit 130/143 (never 0).
+        with interruption.installed():
+            code = app(args=args, prog_name="peftcli", standalone_mode=False)
+        if isinstance(code, int) and code != 0:  # typer returns an explicit exit code instead of raising it
+            sys.exit(code)
+    except interruption.Interruption as exc:
+        message, hint = interruption.message(exc)
+        _print_error(message, hint, label="interrupted")
+        sys.exit(exc.exit_code)
     except ReportedError as exc:
         if _debug():
             raise
@@ -310,6 +350,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - last resort: a bug, shown as one line unless debugging
         if _debug():
             raise
+        environment = environment_error(exc)
+        if environment is not None:
+            _print_error(*environment)
+            sys.exit(EXIT_USER)
         if "torch" in sys.modules:
             from peftcli.modeling import is_out_of_memory
 

@@ -39,7 +39,11 @@ def compare(
     names = parse_methods(methods_)
     resolved = load(recipe, set_)
     target = out.resolve() if out else Path(f"{resolved.output.dir}-compare")
-    run_compare(resolved, names, target, overwrite=overwrite)
+    from peftcli import interruption
+
+    finished = f"the methods that finished are in {target}/<method>/; the comparison report was not written"
+    with interruption.saving(finished):
+        run_compare(resolved, names, target, overwrite=overwrite)
 
 
 @explore.command("generate")
@@ -98,6 +102,8 @@ def init(
     if str(out) == "-":
         console.out.print(text, markup=False, end="")
         return
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out} exists and is not a file", hint="give the path of the recipe file to write")
     if out.exists() and not force:
         raise UserError(f"--out {out} already exists", hint="choose another name, or add --force")
     from peftcli.rundir import atomic_write_text
@@ -107,7 +113,10 @@ def init(
 
 
 @explore.command()
-def schema(out: Path = typer.Option(None, "--out", help="Write to this file instead of printing.")) -> None:
+def schema(
+    out: Path = typer.Option(None, "--out", help="Write to this file instead of printing."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file that is not an earlier schema."),
+) -> None:
     """Print the recipe's JSON Schema (for editor completion and checks of recipe files).
 
     [dim]Example: peftcli schema --out peftcli.schema.json[/]
@@ -116,14 +125,32 @@ def schema(out: Path = typer.Option(None, "--out", help="Write to this file inst
 
     from peftcli.recipe import Recipe
 
-    text = json.dumps(Recipe.model_json_schema(), indent=2) + "\n"
+    schema_ = Recipe.model_json_schema()
+    text = json.dumps(schema_, indent=2) + "\n"
     if out is None:
         console.out.print(text, markup=False, end="")
     else:
+        _check_schema_target(out, schema_["title"], force)
         from peftcli.rundir import atomic_write_text
 
         atomic_write_text(out, text)
         console.out.print(f"wrote {out}")
+
+
+def _check_schema_target(out: Path, title: str, force: bool) -> None:
+    """--out may replace an earlier schema (refreshing it is the point), not any other file."""
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out} exists and is not a file")
+    if not out.exists() or force:
+        return
+    try:
+        import json
+
+        earlier = json.loads(out.read_text(encoding="utf-8")).get("title") == title
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if not earlier:
+        raise UserError(f"--out {out} already exists and is not a peftcli schema", hint="add --force to replace it")
 
 
 data_app = typer.Typer(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 from peftcli import console, modeling
@@ -28,6 +29,7 @@ from peftcli.merge import (
     write_marker,
 )
 from peftcli.rundir import atomic_dir, open_run
+from peftcli.runlock import RunLock
 
 COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -103,9 +105,15 @@ def run_combine(
     _check_runs(runs, recipes, combination, parsed, density)
     out = Path(out).resolve()
     check_out_dir(out, force, [run.path for run in runs])
-    recipe = recipes[0]
-    modeling.check_model_source(recipe.model)
+    modeling.check_model_source(recipes[0].model)
+    with ExitStack() as locks:
+        for path in sorted({run.path for run in runs}):  # no run is retrained while it is combined
+            locks.enter_context(RunLock(path))
+        return _combine(runs, recipes, parsed, out, combination, density, as_adapter, dtype)
 
+
+def _combine(runs, recipes, parsed, out: Path, combination: str, density, as_adapter: bool, dtype: str) -> float:
+    recipe = recipes[0]
     import torch
     from peft import PeftModel
 

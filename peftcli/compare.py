@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +29,17 @@ from peftcli.methods import REGISTRY
 from peftcli.preflight import check_environment
 from peftcli.recipe import Recipe, recipe_to_yaml
 from peftcli.recipe.load import RawRecipe, validate
-from peftcli.rundir import artifact_dir, atomic_save_figure, atomic_write_json, atomic_write_text, check_replaceable
+from peftcli.rundir import (
+    MARKER,
+    artifact_dir,
+    atomic_save_figure,
+    atomic_write_json,
+    atomic_write_text,
+    check_replaceable,
+    read_marker,
+    remove_owned,
+)
+from peftcli.runlock import RunLock
 
 COLUMNS = (
     ("method", "method", "{}"),
@@ -93,6 +102,17 @@ class MethodsFailed(ReportedError):
     def __init__(self, message: str, hint: str, exit_code: int):
         super().__init__(message, hint)
         self.exit_code = exit_code
+
+
+COMPARE_KIND = "compare"
+OUTPUTS = ("compare.json", "compare.md", "compare.png", MARKER)
+
+
+def _owned_by(out: Path):
+    """What a comparison folder holds of peftcli's: its reports, and a recipe and run per method."""
+    methods = [m for m in (read_marker(out) or {}).get("methods") or [] if isinstance(m, str)]
+    names = set(OUTPUTS) | {f"{m}.yaml" for m in methods} | set(methods)
+    return lambda name: name in names
 
 
 def _artifact_mb(run_dir: Path, method: str) -> float:
@@ -192,12 +212,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool = False) -> list[dict]:
     variants = check_methods(recipe, methods, out)  # every refusal before any training or writing
-    check_replaceable(out, overwrite, "--out", "compare.json", flag="--overwrite")
+    check_replaceable(out, overwrite, "--out", (COMPARE_KIND,), flag="--overwrite", owns=_owned_by(out))
     if out.exists() and overwrite:
-        shutil.rmtree(out)
+        remove_owned(out, _owned_by(out))
     out.mkdir(parents=True, exist_ok=True)
     # marks the folder as a comparison from the start, so a later --overwrite may replace it
+    atomic_write_json(out / MARKER, {"kind": COMPARE_KIND, "methods": methods})
     atomic_write_json(out / "compare.json", {"methods": methods, "status": "running"})
+    with RunLock(out):  # one comparison at a time in this folder
+        return _compare(recipe, methods, variants, out)
+
+
+def _compare(recipe: Recipe, methods: list[str], variants: dict[str, Recipe], out: Path) -> list[dict]:
     rows = []
     for index, (method, recipe_variant) in enumerate(variants.items(), start=1):
         recipe_file = out / f"{method}.yaml"

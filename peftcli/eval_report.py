@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftcli import report
-from peftcli.rundir import EVAL, REPORT, atomic_save_figure, atomic_write_text
+from peftcli.rundir import EVAL, EVAL_MD, EVAL_PLOT, REPORT, atomic_save_figure, atomic_write_text
 from peftcli.secrets import redact
 
-EVAL_MD, EVAL_PLOT = "eval.md", "eval.png"
 LOSS_ROWS = (("loss", "lower"), ("perplexity", "lower"), ("token_accuracy", "higher"))
 GEN_ROWS = (
     ("exact_match", "higher"),

@@ -23,9 +23,8 @@ from peftcli.data import IGNORE, Encoded, prepare_data
 from peftcli.errors import UserError
 from peftcli.methods import method_of
 from peftcli.recipe import DataSource
-from peftcli.rundir import EVAL, atomic_write_json, atomic_write_text, open_run
-
-PREDICTIONS = "predictions.jsonl"
+from peftcli.rundir import EVAL, PREDICTIONS, atomic_write_json, atomic_write_text, open_run
+from peftcli.runlock import RunLock
 
 
 @dataclass(frozen=True)
@@ -230,8 +229,11 @@ def run_eval(
         raise UserError(
             f"{run_path}: the run has no eval data (no data.eval or data.eval_split)", hint="pass --data FILE"
         )
-    reference = reference or recipe.eval.reference
+    with RunLock(run.path):  # no train --overwrite / --resume in this run while it is read and written to
+        return _evaluate(run, recipe, eval_only, data_path, batch_size, generate, reference or recipe.eval.reference)
 
+
+def _evaluate(run, recipe, eval_only, data_path, batch_size: int, generate, reference) -> dict:
     models = EvalModels(run, recipe)
     data = _eval_data(recipe, models.tokenizer, eval_only, data_path)
     scores = models.score_both(data.eval, batch_size, "eval data")

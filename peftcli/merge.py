@@ -18,6 +18,7 @@ from peftcli.methods import method_of
 from peftcli.methods.lora import merge_base_is_dequantized
 from peftcli.recipe import recipe_to_yaml
 from peftcli.rundir import MARKER, atomic_dir, atomic_write_json, check_replaceable, open_run
+from peftcli.runlock import RunLock
 from peftcli.secrets import redact
 
 # Max |merged - adapter| logit difference, relative to the largest |logit| (at least 1).
@@ -29,17 +30,23 @@ PROBE_TEXTS = (
 )
 
 
+OUTPUT_KINDS = ("merged-model", "combined-adapter")
+
+
 def check_out_dir(out: Path, force: bool, runs=()) -> None:
     """--out must be new, empty, or (with --force) an earlier merge's output; never part of a run."""
     for run in runs or [None]:
-        check_replaceable(out, force, "--out", MARKER, protect=run)
+        check_replaceable(out, force, "--out", OUTPUT_KINDS, protect=run)
 
 
 def write_marker(folder: Path, kind: str, max_diff: float) -> None:
-    """What this folder is, for people and for a later `--force` (which replaces only peftcli output)."""
+    """What this folder is and which files peftcli wrote in it, for people and for a later `--force`
+    (which replaces only peftcli's output, and refuses while other files are in the folder)."""
     from peftcli import __version__
 
-    atomic_write_json(folder / MARKER, {"kind": kind, "peftcli": __version__, "max_logit_diff": max_diff})
+    files = sorted(entry.name for entry in folder.iterdir())
+    marker = {"kind": kind, "peftcli": __version__, "max_logit_diff": max_diff, "files": files}
+    atomic_write_json(folder / MARKER, marker)
 
 
 def probe_batch(tokenizer, device):
@@ -138,7 +145,11 @@ def run_merge(run_path: Path, out: Path, dtype: str = "auto", force: bool = Fals
     out = Path(out).resolve()
     check_out_dir(out, force, [run.path])
     modeling.check_model_source(recipe.model)
+    with RunLock(run.path):  # the run is not retrained (--overwrite) while it is merged
+        return _merge(run, recipe, method, out, dtype)
 
+
+def _merge(run, recipe, method, out: Path, dtype: str) -> float:
     modeling.quiet_libraries()
     torch_dtype = output_dtype(recipe, dtype)
     base = "dequantized" if merge_base_is_dequantized(recipe.peft) else "full_precision"

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from peftcli.errors import PATH_RULE, UserError
+from peftcli.integrity import PICKLE_WHY, pickles
 from peftcli.recipe import ModelSection, QuantizationSection
 
 
@@ -70,6 +71,14 @@ def check_model_source(model: ModelSection) -> None:
         raise UserError(f"model.name: {path} is a file; expected a model folder with config.json")
     if not (path / "config.json").exists():
         raise UserError(f"model.name: {path} has no config.json; is it a Hugging Face model folder?")
+    if not any(path.glob("*.safetensors")):
+        pickled = pickles(path)
+        if pickled:  # transformers would unpickle them (torch.load): refused, with the reason
+            raise UserError(
+                f"model.name: {path} holds its weights only as {pickled[0]}, {PICKLE_WHY}",
+                hint="convert the model to safetensors with code you trust: load it, then "
+                "save_pretrained(..., safe_serialization=True)",
+            )
     tokenizer_dir = Path(model.tokenizer) if model.tokenizer else path
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((tokenizer_dir / n).exists() for n in names):
@@ -81,9 +90,22 @@ def check_model_source(model: ModelSection) -> None:
 
 def read_config(model: ModelSection) -> dict:
     """config.json of a local model as a dict (no torch), or {} for a hub id."""
-    if is_local(model.name) and (Path(model.name) / "config.json").exists():
-        return json.loads((Path(model.name) / "config.json").read_text(encoding="utf-8"))
-    return {}
+    path = Path(model.name) / "config.json"
+    if not (is_local(model.name) and path.is_file()):
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"model.name: {path} is not UTF-8 text (byte {exc.start})") from None
+    except ValueError as exc:
+        raise UserError(
+            f"model.name: {path} is not valid JSON ({exc})", hint="the model folder is damaged: copy it again"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"model.name: cannot read {path} ({exc.strerror})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"model.name: {path} holds a JSON {type(config).__name__}, not a model config")
+    return config
 
 
 def check_quantization(quant: QuantizationSection | None, try_import: bool = True) -> None:
@@ -196,7 +218,8 @@ def load_model(model: ModelSection, quant: QuantizationSection | None = None, dt
     check_quantization(quant)
     dtype = dtype or compute_dtype(model.dtype)
     device = local_device()
-    kwargs = dict(dtype=dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    # use_safetensors: never fall back to pickled weights (torch.load), even from the hub.
+    kwargs = dict(dtype=dtype, revision=model.revision, trust_remote_code=model.trust_remote_code, use_safetensors=True)
     attn = attn or (model.attn_implementation if model.attn_implementation != "auto" else None)
     if attn:
         kwargs["attn_implementation"] = attn
@@ -254,7 +277,29 @@ def load_run(run, recipe, base: str = "as_trained", dtype=None):
     model = load_model(recipe.model, None if base == "full_precision" else recipe.quantization, dtype)
     if base == "dequantized":
         model = model.dequantize(dtype=dtype)
-    return PeftModel.from_pretrained(model, str(artifact)), tokenizer
+    try:
+        return PeftModel.from_pretrained(model, str(artifact)), tokenizer
+    except Exception as exc:  # noqa: BLE001 - torch and peft phrase a mismatch in several types
+        if is_shape_mismatch(exc):
+            raise adapter_mismatch(str(artifact), recipe.model.name, exc) from None
+        raise
+
+
+def is_shape_mismatch(exc: BaseException) -> bool:
+    """Tensors (or optimizer groups) saved for another model than the one loaded (torch's wording)."""
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, ValueError, KeyError)) and (
+        "size mismatch" in text or "doesn't match the size" in text or "Missing key" in text
+    )
+
+
+def adapter_mismatch(adapter: str, base: str, exc: BaseException) -> UserError:
+    detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+    return UserError(
+        f"the adapter {adapter} does not fit the base {base}: {detail[:240]}",
+        hint="an adapter loads only on the base it was trained on (same architecture and sizes); was the model "
+        "folder replaced, or the adapter trained on another base?",
+    )
 
 
 def prepare_for_training(model, quant: QuantizationSection | None, gradient_checkpointing: bool):

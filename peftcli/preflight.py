@@ -4,6 +4,8 @@ loads or is written, and (the ones that do not import torch) by `validate`."""
 from __future__ import annotations
 
 import importlib.util
+import re
+from pathlib import Path
 
 from peftcli import modeling
 from peftcli.errors import UserError
@@ -54,3 +56,25 @@ def check_architecture(method, config: dict) -> None:
             f"peft.method '{method.name}' does not support model type '{config.get('model_type')}'",
             hint=f"it supports: {', '.join(sorted(method.model_types))}",
         )
+
+
+def _local(value: str | None) -> Path | None:
+    """A recipe path that is local (recipes make local paths absolute), without any glob part."""
+    if not value or not modeling.is_local(value):
+        return None
+    parts = Path(value).parts
+    for i, part in enumerate(parts):
+        if re.search(r"[*?[]", part) and not Path(*parts[: i + 1]).exists():
+            return Path(*parts[:i])  # a glob: its fixed folder is what it reads
+    return Path(value)
+
+
+def protected_paths(recipe: Recipe, recipe_file: Path | None = None) -> list[tuple[str, Path]]:
+    """What a run directory may never be or contain: the recipe's folder, the data, the model."""
+    found = [("the recipe file", recipe_file)] if recipe_file is not None else []
+    found += [("model.name", _local(recipe.model.name)), ("model.tokenizer", _local(recipe.model.tokenizer))]
+    for key, sources in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval or [])):
+        found += [(key, _local(source.path)) for source in sources]
+    template = recipe.data.chat_template
+    found += [("data.chat_template", _local(template)), ("eval.reference", _local(recipe.eval.reference))]
+    return [(what, path) for what, path in found if path is not None]

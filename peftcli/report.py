@@ -173,7 +173,8 @@ def render_report(metrics: dict, recipe, has_plot: bool, eval_result: dict | Non
         "",
     ]
     if eval_result is not None:
-        from peftcli.eval_report import EVAL_PLOT, summary_lines
+        from peftcli.eval_report import summary_lines
+        from peftcli.rundir import EVAL_PLOT
 
         lines += [
             "## Eval (`peftcli eval`)",

@@ -5,12 +5,17 @@ wrong, print no traceback, and write nothing at all (a run already there is left
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import DEMO_TRAIN, base_recipe, write_recipe
+from safetensors.torch import save_file
 
 Setup = Callable[[Path, Path, "pytest.MonkeyPatch"], list]
 
@@ -125,6 +130,7 @@ def _fake_run(*argv: str, adapter: bool = True, out_file: bool = False) -> Setup
         if adapter:
             (run / "adapter").mkdir()
             (run / "adapter" / "adapter_config.json").write_text("{}")
+            save_file({"w": torch.zeros(1)}, str(run / "adapter" / "adapter_model.safetensors"))
         if out_file:
             (tmp / "out").mkdir()
             (tmp / "out" / "keep.txt").write_text("x")
@@ -145,6 +151,61 @@ def _directory(path: Path) -> None:
     (path / "notes.md").write_text("not data")
 
 
+def _eof_to_blocked_readers(fifo: Path, seconds: float = 3.0) -> None:
+    """If anything opens `fifo` for reading within `seconds`, give it end-of-file at once, so code that
+    wrongly reads a FIFO fails the test instead of hanging it."""
+
+    def writer() -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError:  # no reader (yet): ENXIO
+                time.sleep(0.05)
+
+    threading.Thread(target=writer, daemon=True).start()
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+    _eof_to_blocked_readers(path)
+
+
+def _recipe_fifo(tmp: Path, model: Path, monkeypatch) -> list:
+    _fifo(tmp / "recipe.yaml")
+    return ["train", tmp / "recipe.yaml"]
+
+
+def _alias_bomb() -> str:
+    """Nine aliases of nine aliases ... of nine strings: 9**9 values from a few hundred bytes."""
+    lines = ['  a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    return "model: {name: m}\ndata: {train: t.jsonl}\ntraining:\n  report_to:\n" + "\n".join(lines) + "\n"
+
+
+def _deep_json(depth: int) -> str:
+    return '{"prompt": "a", "completion": ' + "[" * depth + "]" * depth + "}"
+
+
+def _template(text: str | bytes) -> Setup:
+    def setup(tmp: Path, model: Path, monkeypatch) -> list:
+        path = tmp / "chat.jinja"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return [
+            "train",
+            write_recipe(tmp / "recipe.yaml", base_recipe(model, tmp / "run", data={"chat_template": str(path)})),
+        ]
+
+    return setup
+
+
+def _broken_saved_dataset(path: Path) -> None:
+    path.mkdir()
+    (path / "state.json").write_text("not json")
+
+
+FIRST_ROW = DEMO_TRAIN.read_text().splitlines()[0]
 TRUNCATED_JSONL = (
     DEMO_TRAIN.read_text().splitlines()[0]
     + "\n"
@@ -163,6 +224,41 @@ CASES: dict[str, tuple[Setup, tuple[str, ...]]] = {
         ("YAML syntax error at line 3", "starts at line 2"),
     ),
     "recipe file missing": (lambda tmp, model, mp: ["train", tmp / "nope.yaml"], ("recipe file not found",)),
+    "YAML alias bomb": (_recipe_text(_alias_bomb()), ("recipe.yaml: line", "more than 100,000 values")),
+    "YAML alias inside itself": (
+        _recipe_text("model: {name: m}\ndata: {train: t.jsonl}\nx: &a [1, *a]\n"),
+        ("line 3", "alias *a", "endless loop"),
+    ),
+    "YAML list as a key": (
+        _recipe_text("model: {name: m}\ndata: {train: t.jsonl}\n? [a, b]\n: c\n"),
+        ("line 3", "keys must be names"),
+    ),
+    "YAML list as a flow-mapping key": (
+        _recipe_text("model: {name: m}\ndata: {train: t.jsonl, columns: {[1]: 2}}\n"),
+        ("line 2", "keys must be names"),
+    ),
+    "YAML key read as a boolean": (
+        _recipe_text("model: {name: m}\ndata: {train: t.jsonl}\ntraining:\n  on: 1\n"),
+        ("line 4", "a boolean ('on')"),
+    ),
+    "YAML nested 5,000 deep": (
+        _recipe_text("model: {name: m}\ndata: {train: t.jsonl}\nx: " + "[" * 5000 + "]" * 5000 + "\n"),
+        ("line 3", "nested more than 50 levels"),
+    ),
+    "YAML integer of 5,000 digits": (
+        _recipe_text("model: {name: m}\ndata: {train: t.jsonl}\ntraining: {seed: " + "9" * 5000 + "}\n"),
+        ("line 3", "as a number"),
+    ),
+    "YAML impossible date": (
+        _recipe_text("model: {name: m}\ndata: {train: t.jsonl}\noutput: {dir: 2024-13-45}\n"),
+        ("line 3", "2024-13-45 as a date"),
+    ),
+    "recipe is a FIFO": (_recipe_fifo, ("recipe.yaml is a FIFO (named pipe), not a regular file",)),
+    "recipe is /dev/zero": (lambda tmp, model, mp: ["train", "/dev/zero"], ("/dev/zero is a character device",)),
+    "recipe over 1 MiB": (
+        _recipe_text("model: {name: m}\ndata: {train: t.jsonl}\n" + "# padding\n" * 120_000),
+        ("recipe.yaml is 1.1 MiB", "small YAML file"),
+    ),
     # values
     "negative learning rate": (_train_with(training={"learning_rate": -1e-4}), ("training.learning_rate",)),
     "zero learning rate": (_train_with(training={"learning_rate": 0}), ("training.learning_rate",)),
@@ -171,6 +267,12 @@ CASES: dict[str, tuple[Setup, tuple[str, ...]]] = {
         ("training.learning_rate",),
     ),
     "r: 0": (_peft(method="lora", r=0), ("peft.r",)),
+    "r: true": (_peft(method="lora", r=True), ("peft.r", "not true/false")),
+    "batch_size: true": (_train_with(training={"batch_size": True}), ("training.batch_size", "not true/false")),
+    "empty data.train": (_train_with(data={"train": ""}), ("data.train", "must not be empty")),
+    "empty source path": (_train_with(data={"train": {"path": ""}}), ("data.train[0].path", "must not be empty")),
+    "empty output.dir": (_train_with(output={"dir": ""}), ("output.dir", "must not be empty")),
+    "NUL in model.name": (_train_with(model={"name": "models/a\x00b"}), ("model.name", "NUL character")),
     'batch_size: "four"': (_train_with(training={"batch_size": "four"}), ("training.batch_size",)),
     "misspelt key": (_train_with(training={"learning_rte": 1e-4}), ("training.learning_rte", "learning_rate")),
     "unknown section": (_train_with(trainer={"x": 1}), ("unknown section 'trainer'",)),
@@ -225,6 +327,45 @@ CASES: dict[str, tuple[Setup, tuple[str, ...]]] = {
     "eval file with zero usable rows": (_data_file("e.jsonl", "\n\n", role="eval"), ("data.eval", "no usable rows")),
     "data file missing": (_train_with(data={"train": "./missing.jsonl"}), ("data.train", "not found")),
     "unknown format name": (_train_with(data={"format": "chatgpt"}), ("data.format",)),
+    "JSONL row nested 100,000 deep": (
+        _data_file("d.jsonl", f"{FIRST_ROW}\n{_deep_json(100_000)}\n"),
+        ("d.jsonl line 2", "nested too deeply"),
+    ),
+    "JSON record nested 100,000 deep": (
+        _data_file("d.json", f"[{FIRST_ROW},\n{_deep_json(100_000)}]"),
+        ("d.json record 2 (line 2)", "nested too deeply"),
+    ),
+    "JSONL integer of 5,000 digits": (
+        _data_file("d.jsonl", f'{FIRST_ROW}\n{{"text": {"7" * 5000}}}\n'),
+        ("d.jsonl line 2", "cannot read a number"),
+    ),
+    ".json holding one object": (
+        _data_file("d.json", '{"prompt": "a", "completion": "b"}'),
+        ("d.json: a single JSON object; expected a list of records or JSON Lines",),
+    ),
+    "data file is a FIFO": (_data_file("d.jsonl", _fifo), ("data.train", "d.jsonl is a FIFO (named pipe)")),
+    "data file is /dev/zero": (
+        _train_with(data={"train": "/dev/zero"}),
+        ("data.train", "/dev/zero is a character device"),
+    ),
+    "CSV record over several lines": (
+        _data_file("d.csv", 'prompt,completion\na,b\n"several\nlines",c,extra\n'),
+        ("d.csv line 3:", "3 cells for 2 header columns"),
+    ),
+    "role that is a list": (
+        _data_file("d.jsonl", '{"messages": [{"role": ["user"], "content": "a"}]}\n'),
+        ("d.jsonl line 1", "turn 1: 'role' should be text, got list"),
+    ),
+    "damaged saved dataset": (_data_file("saved", _broken_saved_dataset), ("data.train", "cannot be loaded")),
+    "chat template with an unknown filter": (
+        _template("{% for m in messages %}{{ m.content | shout }}{% endfor %}"),
+        ("data.chat_template", "chat.jinja fails on a plain", "shout"),
+    ),
+    "chat template syntax error": (
+        _template("{% for m in messages %}\n{{ m.content }"),
+        ("data.chat_template", "chat.jinja", "template line 2"),
+    ),
+    "chat template not UTF-8": (_template(b"{{ \xe9 }}"), ("data.chat_template", "not UTF-8")),
     # command line
     "--set key that does not exist": (
         _args("train", "{recipe}", "--set", "training.nope=1"),
@@ -233,6 +374,18 @@ CASES: dict[str, tuple[Setup, tuple[str, ...]]] = {
     "--set value that does not parse": (
         _args("train", "{recipe}", "--set", "training.max_steps=[1"),
         ("--set training.max_steps", "cannot parse"),
+    ),
+    "--set value nested 5,000 deep": (
+        _args("train", "{recipe}", "--set", "training.report_to=" + "[" * 5000 + "]" * 5000),
+        ("--set training.report_to", "nested more than 50 levels"),
+    ),
+    "--set value with a list key": (
+        _args("train", "{recipe}", "--set", "data.columns={{[1]: 2}}"),  # braces doubled: _args formats it
+        ("--set data.columns", "keys must be names"),
+    ),
+    "--set a boolean batch size": (
+        _args("train", "{recipe}", "--set", "training.batch_size=true"),
+        ("training.batch_size (from --set)", "not true/false"),
     ),
     "--set without a value": (_args("train", "{recipe}", "--set", "training.max_steps"), ("expected KEY=VALUE",)),
     "--resume with --overwrite": (_args("train", "{recipe}", "--resume", "--overwrite"), ("contradict",)),

@@ -100,12 +100,16 @@ def test_existing_run_needs_overwrite(cli, tmp_path, tiny_model):
     (run / "checkpoint-2").mkdir(parents=True)
     (run / "keep.txt").write_text("x")
     (run / "recipe.yaml").write_text(f"output: {{dir: {run}}}\n")
+    (run / "peftcli.json").write_text('{"kind": "run"}')  # what peftcli writes when a run starts
     result = _train(cli, tmp_path, tiny_model)
     _assert_user_error(result, "already holds a run that did not finish")
     assert "you probably want --resume" in result.err
-    # A folder peftcli did not write is never offered for deletion: no recipe.yaml, or one that names
-    # another folder (a copied run), or checkpoint-like folders alone.
-    for marker in (None, f"output: {{dir: {tmp_path / 'elsewhere'}}}\n"):
+    overwrite = cli("train", tmp_path / "recipe.yaml", "--overwrite")
+    _assert_user_error(overwrite, "holds files peftcli did not write: keep.txt")
+    # A folder peftcli did not mark is never offered for deletion, whatever its recipe.yaml says:
+    # none, one that names another folder (a copied run), or one that names this very folder.
+    (run / "peftcli.json").unlink()
+    for marker in (None, f"output: {{dir: {tmp_path / 'elsewhere'}}}\n", f"output: {{dir: {run}}}\n"):
         (run / "recipe.yaml").unlink(missing_ok=True)
         if marker:
             (run / "recipe.yaml").write_text(marker)

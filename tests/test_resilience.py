@@ -14,62 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, base_recipe, read_json, write_recipe
-from safetensors.torch import load_file
+from conftest import ROOT, read_json, write_recipe
+from helpers import adapter_weights, interrupt_at, interrupted_run, resumable_recipe, train
 
 from peftcli.errors import Interrupted
 from peftcli.training.checkpoints import missing_files
 
 
-def _recipe(tiny_model, out: Path, steps: int = 12, **sections) -> dict:
-    recipe = base_recipe(
-        tiny_model, out, training={"max_steps": steps, "save_steps": 4, "save_total_limit": None}, **sections
-    )
-    recipe["peft"] = {"method": "lora", "r": 4, "dropout": 0.1}  # dropout: the RNG must be restored too
-    return recipe
-
-
-def _train(path: Path, **kwargs):
-    from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
-
-    return run_training(load_recipe(path), **kwargs)
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "adapter" / "adapter_model.safetensors")
-
-
-def _interrupt_at(monkeypatch, step: int) -> None:
-    """Make the next training run receive SIGTERM while it runs step `step` + 1."""
-    from transformers import TrainerCallback
-
-    from peftcli.training import stage
-
-    class SignalAtStep(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    real_build = stage.build_trainer
-
-    def build_with_signal(*args, callbacks, **kwargs):
-        monkeypatch.setattr(stage, "build_trainer", real_build)  # only this run
-        return real_build(*args, callbacks=[*callbacks, SignalAtStep()], **kwargs)
-
-    monkeypatch.setattr(stage, "build_trainer", build_with_signal)
-
-
-def _interrupted_run(path: Path, monkeypatch, step: int) -> Path:
-    _interrupt_at(monkeypatch, step)
-    with pytest.raises(Interrupted):
-        _train(path)
-    return path
-
-
 def test_same_recipe_and_seed_give_the_same_loss_history(tmp_path, tiny_model):
-    first = _train(write_recipe(tmp_path / "a.yaml", _recipe(tiny_model, tmp_path / "a")))
-    second = _train(write_recipe(tmp_path / "b.yaml", _recipe(tiny_model, tmp_path / "b")))
+    first = train(write_recipe(tmp_path / "a.yaml", resumable_recipe(tiny_model, tmp_path / "a")))
+    second = train(write_recipe(tmp_path / "b.yaml", resumable_recipe(tiny_model, tmp_path / "b")))
     assert (
         read_json(first.run_dir / "metrics.json")["loss_history"]
         == read_json(second.run_dir / "metrics.json")["loss_history"]
@@ -77,22 +31,22 @@ def test_same_recipe_and_seed_give_the_same_loss_history(tmp_path, tiny_model):
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model, monkeypatch):
-    reference = _train(write_recipe(tmp_path / "ref.yaml", _recipe(tiny_model, tmp_path / "ref")))
+    reference = train(write_recipe(tmp_path / "ref.yaml", resumable_recipe(tiny_model, tmp_path / "ref")))
 
     # Same recipe; a SIGTERM arrives during step 6 (mid-epoch, between saves).
-    path = write_recipe(tmp_path / "run.yaml", _recipe(tiny_model, tmp_path / "run"))
+    path = write_recipe(tmp_path / "run.yaml", resumable_recipe(tiny_model, tmp_path / "run"))
     before = signal.getsignal(signal.SIGTERM)
-    _interrupt_at(monkeypatch, 5)
+    interrupt_at(monkeypatch, 5)
     with pytest.raises(Interrupted) as info:
-        _train(path)
+        train(path)
     assert info.value.exit_code == 143
     assert (tmp_path / "run" / "checkpoint-6").is_dir() and not missing_files(tmp_path / "run" / "checkpoint-6")
     assert read_json(tmp_path / "run" / "metrics.json")["status"] == "interrupted"
     assert not (tmp_path / "run" / "adapter").exists()
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back after the run
 
-    resumed = _train(path, resume="latest")
-    expected, got = _weights(reference.run_dir), _weights(resumed.run_dir)
+    resumed = train(path, resume="latest")
+    expected, got = adapter_weights(reference.run_dir), adapter_weights(resumed.run_dir)
     assert expected.keys() == got.keys()
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
     assert (
@@ -102,7 +56,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model, mon
 
 
 def test_checkpoints_hold_no_pickle(tmp_path, tiny_model):
-    run = _train(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run", steps=4))).run_dir
+    run = train(write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run", steps=4))).run_dir
     files = [p.name for p in run.rglob("*") if p.is_file()]
     assert "optimizer.safetensors" in files and "rng_state.json" in files
     assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl"))], files
@@ -127,17 +81,21 @@ def test_resume_unpickles_nothing(tmp_path, tiny_model, monkeypatch):
     untrusted source cannot run code)."""
     import pickle
 
-    path = _interrupted_run(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run")), monkeypatch, 5)
+    path = interrupted_run(
+        write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run")), monkeypatch, 5
+    )
     calls = []
     for owner, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    assert _train(path, resume="latest").steps == 12
+    assert train(path, resume="latest").steps == 12
     assert calls == []
 
 
 def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_model, cli, monkeypatch):
-    path = _interrupted_run(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run")), monkeypatch, 5)
+    path = interrupted_run(
+        write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run")), monkeypatch, 5
+    )
     changed = cli("train", path, "--resume", "--set", "training.learning_rate=0.1", "--set", "training.save_steps=2")
     assert changed.code == 2 and "training.learning_rate" in changed.err and "save_steps" not in changed.err
     assert "--force" in changed.err
@@ -149,7 +107,9 @@ def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_model, cli
 
 
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path, tiny_model, cli, monkeypatch):
-    path = _interrupted_run(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run")), monkeypatch, 9)
+    path = interrupted_run(
+        write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run")), monkeypatch, 9
+    )
     run = tmp_path / "run"
     assert {p.name for p in run.glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-8", "checkpoint-10"}
     (run / "checkpoint-10" / "optimizer.safetensors").unlink()  # damaged
@@ -167,14 +127,16 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path, tiny_model, cli, 
 def test_resume_from_an_older_checkpoint_starts_a_new_timeline(tmp_path, tiny_model, cli, monkeypatch):
     """`--resume PATH` goes back to that checkpoint: the run ends as an uninterrupted one, and the
     later checkpoints of the abandoned timeline are gone (a later --resume must not pick them)."""
-    reference = _train(write_recipe(tmp_path / "ref.yaml", _recipe(tiny_model, tmp_path / "ref"))).run_dir
-    path = _interrupted_run(write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run")), monkeypatch, 9)
+    reference = train(write_recipe(tmp_path / "ref.yaml", resumable_recipe(tiny_model, tmp_path / "ref"))).run_dir
+    path = interrupted_run(
+        write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run")), monkeypatch, 9
+    )
     run = tmp_path / "run"
     result = cli("train", path, "--resume", run / "checkpoint-4")
     assert result.code == 0, result.err
     assert "resuming from checkpoint-4: removed the later checkpoint-8, checkpoint-10" in result.err
     assert {p.name for p in run.glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-8", "checkpoint-12"}
-    expected, got = _weights(reference), _weights(run)
+    expected, got = adapter_weights(reference), adapter_weights(run)
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
     assert read_json(run / "metrics.json")["loss_history"] == read_json(reference / "metrics.json")["loss_history"]
 
@@ -182,9 +144,9 @@ def test_resume_from_an_older_checkpoint_starts_a_new_timeline(tmp_path, tiny_mo
 def test_the_resume_hint_holds_the_overrides(tmp_path, tiny_model, cli, monkeypatch):
     """After `--set` overrides, the recipe file alone would resume another run: the hint names the
     run's saved recipe.yaml, which holds them, and that command does resume."""
-    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run"))
+    path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run"))
     other = tmp_path / "other"
-    _interrupt_at(monkeypatch, 2)
+    interrupt_at(monkeypatch, 2)
     result = cli("train", path, "--set", f"output.dir={other}", "--set", "training.learning_rate=0.01")
     assert result.code == 143, result.err
     hint = f"peftcli train {other / 'recipe.yaml'} --resume"
@@ -195,9 +157,9 @@ def test_the_resume_hint_holds_the_overrides(tmp_path, tiny_model, cli, monkeypa
 
 
 def test_a_signal_during_the_last_step_still_finishes_the_run(tmp_path, tiny_model, monkeypatch):
-    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run"))
-    _interrupt_at(monkeypatch, 11)  # SIGTERM while step 12 of 12 runs
-    outcome = _train(path)
+    path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run"))
+    interrupt_at(monkeypatch, 11)  # SIGTERM while step 12 of 12 runs
+    outcome = train(path)
     assert outcome.status == "completed" and (tmp_path / "run" / "adapter").is_dir()
 
 
@@ -206,7 +168,7 @@ def test_resume_from_a_checkpoint_at_the_last_step(tmp_path, tiny_model, cli):
     training again (upstream Trainer would train one step too many)."""
     import shutil
 
-    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run"))
+    path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run"))
     assert cli("train", path).code == 0
     run = tmp_path / "run"
     shutil.rmtree(run / "adapter")  # as if killed after checkpoint-12 was saved
@@ -224,7 +186,7 @@ def test_resume_from_a_checkpoint_at_the_last_step(tmp_path, tiny_model, cli):
 
 
 def test_resume_without_a_run(tmp_path, tiny_model, cli):
-    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run"))
+    path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run"))
     result = cli("train", path, "--resume")
     assert result.code == 2 and "no run to resume" in result.err
     assert not (tmp_path / "run").exists()
@@ -255,7 +217,7 @@ def _wait_for(process: subprocess.Popen, needle: str, timeout: float = 120) -> l
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_checkpoint_and_exits_with_its_code(tmp_path, tiny_model, signum, code):
-    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run", steps=4000))
+    path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run", steps=4000))
     process = _start(path)
     _wait_for(process, "training: step")
     process.send_signal(signum)
@@ -286,7 +248,7 @@ main(sys.argv[1:])
 
 
 def test_second_signal_exits_at_once_keeping_the_last_checkpoint(tmp_path, tiny_model):
-    recipe = _recipe(tiny_model, tmp_path / "run", steps=4000)
+    recipe = resumable_recipe(tiny_model, tmp_path / "run", steps=4000)
     recipe["training"]["save_steps"] = 20
     path = write_recipe(tmp_path / "r.yaml", recipe)
     process = _start(path, wrapper=SLOW_STOP_SAVE)
@@ -319,7 +281,7 @@ main(sys.argv[1:])
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, tiny_model, cli):
-    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run", steps=12))
+    path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run", steps=12))
     marker = tmp_path / "saving"
     os.environ["MARKER"] = str(marker)
     try:
@@ -356,7 +318,7 @@ def test_out_of_memory_is_a_user_error_with_the_knobs(tmp_path, tiny_model, cli,
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(LlamaModel, "forward", forward)
-    recipe = _recipe(tiny_model, tmp_path / "run", steps=12)
+    recipe = resumable_recipe(tiny_model, tmp_path / "run", steps=12)
     recipe["training"]["save_steps"] = 2
     result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
     assert result.code == 2 and len(result.error_lines) == 1
@@ -379,7 +341,7 @@ def test_remote_code_is_refused_unless_trusted(tmp_path, tiny_model, cli):
     }
     config["model_type"] = "custom-tiny"
     (model / "config.json").write_text(json.dumps(config))
-    result = cli("train", write_recipe(tmp_path / "r.yaml", _recipe(model, tmp_path / "run")))
+    result = cli("train", write_recipe(tmp_path / "r.yaml", resumable_recipe(model, tmp_path / "run")))
     assert result.code == 2 and "trust_remote_code" in result.err
     assert not (tmp_path / "run").exists()
 
@@ -387,7 +349,7 @@ def test_remote_code_is_refused_unless_trusted(tmp_path, tiny_model, cli):
 def test_tokens_never_reach_files_or_output(tmp_path, tiny_model, cli, monkeypatch):
     token = "hf_" + "FakeToken1234567890abcdefghijk"
     monkeypatch.setenv("HF_TOKEN", token)
-    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model, tmp_path / "run", steps=2))
+    path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run", steps=2))
     as_key = cli("train", path, "--set", f"model.token={token}")
     assert as_key.code == 2 and token not in as_key.err + as_key.out
     # A token pasted into a real key (local models ignore `revision`): the run trains, and neither

@@ -10,16 +10,27 @@ What is trained, per `data.train_on`:
   token the template writes right after it (EOS for raw text), so the model learns to stop;
 - last_turn:   only the last assistant reply (+ its end token);
 - all:         every token of the example.
+
+A text far longer than `max_length` tokens is not tokenized whole (a 50 MB row took 7 GB and minutes
+to yield 64 tokens): only a prefix long enough to hold more than max_length tokens is, see
+`_tokenize`. Texts that fit are tokenized whole, as before.
 """
 
 from __future__ import annotations
 
+import re
+import weakref
 from dataclasses import dataclass
 
 from peftcli.data.formats import BadRowError, Example
 from peftcli.data.templates import render
 
 IGNORE = -100
+# Tokens past what is kept when a long text is tokenized by a prefix: the tokens next to the cut may
+# be split differently than in the whole text, so these are tokenized and thrown away.
+_SPARE_TOKENS = 16
+_WORD_END = re.compile(r"\S(?=\s)")  # a cut here splits no word: pre-tokenizers split at whitespace
+_LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,8 @@ class Encoded:
     labels: list[int]
     origin: str
     truncated: bool = False
+    # False when only a prefix was tokenized: the example has more tokens than input_ids holds.
+    complete: bool = True
 
     @property
     def trained_tokens(self) -> int:
@@ -83,19 +96,60 @@ def raw_spans(tokenizer, example: Example, train_on: str) -> tuple[str, list[tup
     return text, [(start, len(text))]
 
 
-def encode(tokenizer, example: Example, train_on: str) -> Encoded:
-    """Tokenize one example with its loss mask (no length limit applied here)."""
+def longest_token_chars(tokenizer) -> int:
+    """L, the most characters one token can cover: the longest token string of the vocabulary, added
+    tokens included. Byte-level BPE strings have one character per byte, and a text character is at
+    least one byte, so they bound characters too. Computed once per tokenizer."""
+    if tokenizer not in _LONGEST:
+        strings = [*tokenizer.get_vocab(), *(t.content for t in tokenizer.added_tokens_decoder.values())]
+        _LONGEST[tokenizer] = max((len(s) for s in strings), default=1) or 1
+    return _LONGEST[tokenizer]
+
+
+def _tokenize(tokenizer, text: str, add_special_tokens: bool, max_length: int | None):
+    """Token ids and character offsets of `text`, and whether they are all of its tokens.
+
+    Past max_length, only the first max_length + 1 tokens (enough to truncate, and to know the
+    example is overlong) need to be exact. Each token covers at most L characters, so a prefix of
+    (max_length + 1 + spare) * L characters already holds that many tokens plus spare ones; it is cut
+    at a word end, and the spare tokens, the only ones a cut can change, are dropped. A tokenizer
+    whose normaliser deletes characters can break the bound: then the prefix is doubled until the
+    tokens are there, or the text is whole."""
+
+    def run(part: str):
+        enc = tokenizer(part, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return list(enc["input_ids"]), list(enc["offset_mapping"])
+
+    need = None if max_length is None else max_length + 1 + _SPARE_TOKENS
+    cut = len(text) if need is None else need * longest_token_chars(tokenizer)
+    while cut < len(text):
+        word_end = _WORD_END.search(text, cut - 1, cut + cut // 4 + 64)
+        ids, offsets = run(text[: word_end.end() if word_end else cut])
+        if len(ids) >= need:
+            return ids[:-_SPARE_TOKENS], offsets[:-_SPARE_TOKENS], False
+        cut *= 2
+    ids, offsets = run(text)
+    return ids, offsets, True
+
+
+def encode(tokenizer, example: Example, train_on: str, max_length: int | None = None) -> Encoded:
+    """Tokenize one example with its loss mask. No length limit is applied here, but with
+    `max_length` a text far longer than that is tokenized only as far as truncating it needs
+    (`complete` is then False); its first max_length tokens and labels are what the whole
+    text's would be."""
     if example.is_chat:
         text, spans = chat_spans(tokenizer, example, train_on)
         # Templates write their own BOS where the model expects one.
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets, complete = _tokenize(tokenizer, text, False, max_length)
     else:
         text, spans = raw_spans(tokenizer, example, train_on)
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        ids, offsets, complete = _tokenize(tokenizer, text, True, max_length)
+    covered = len(text) if complete else max((b for _, b in offsets), default=0)
     trained = [False] * len(ids)
     special = special_token_ids(tokenizer)
     for span_start, span_end in spans:
+        if span_start >= covered:  # beyond the tokens kept, so truncated away in any case
+            continue
         last = -1
         for j, (a, b) in enumerate(offsets):
             if b > a and a < span_end and b > span_start:
@@ -111,7 +165,7 @@ def encode(tokenizer, example: Example, train_on: str) -> Encoded:
             if j < len(ids) and ids[j] in special:
                 trained[j] = True
     labels = [token if keep else IGNORE for token, keep in zip(ids, trained)]
-    return Encoded(list(ids), labels, example.origin)
+    return Encoded(ids, labels, example.origin, complete=complete)
 
 
 def fit_length(item: Encoded, max_length: int, overlong: str) -> Encoded | None:
@@ -121,5 +175,5 @@ def fit_length(item: Encoded, max_length: int, overlong: str) -> Encoded | None:
     if overlong == "drop":
         return None
     # overlong == "error" is handled by the caller, which knows how to phrase it for the user.
-    cut = Encoded(item.input_ids[:max_length], item.labels[:max_length], item.origin, truncated=True)
+    cut = Encoded(item.input_ids[:max_length], item.labels[:max_length], item.origin, truncated=True, complete=False)
     return cut if cut.trained_tokens else None

@@ -143,6 +143,8 @@ def _turn_list(values: dict[str, Any], field: str, role_key: str, text_key: str,
             raise BadRowError(f"turn {i}: missing '{missing}'")
         if not isinstance(text, str):
             raise BadRowError(f"turn {i}: '{text_key}' should be text, got {type(text).__name__}")
+        if not isinstance(role, str):  # a list or object cannot even be looked up among the roles
+            raise BadRowError(f"turn {i}: '{role_key}' should be text, got {type(role).__name__}")
         if role not in roles:
             raise BadRowError(f"turn {i}: unknown role '{role}' (expected one of {', '.join(sorted(roles))})")
         turns.append(Turn(roles[role], text))

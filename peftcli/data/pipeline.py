@@ -148,15 +148,17 @@ def _encode_all(examples: list[Example], tokenizer, data: DataSection, stats: Sp
     out: list[Encoded] = []
     for example in examples:
         try:
-            item = encode(tokenizer, example, data.train_on)
+            item = encode(tokenizer, example, data.train_on, data.max_length)
         except BadRowError as exc:
             if data.bad_rows == "error":
                 raise UserError(f"{key}: {example.origin}: {exc}", hint="or set data.bad_rows: skip") from None
             stats.skip(example.origin, str(exc))
             continue
         if len(item.input_ids) > data.max_length and data.overlong == "error":
+            # A very long text is tokenized only until it is known to be over (see encode).
+            count = f"{len(item.input_ids)} tokens" if item.complete else f"more than {data.max_length} tokens"
             raise UserError(
-                f"{key}: {example.origin}: {len(item.input_ids)} tokens, over data.max_length {data.max_length}",
+                f"{key}: {example.origin}: {count}, over data.max_length {data.max_length}",
                 hint="raise data.max_length, or set data.overlong: truncate | drop",
             )
         fitted = fit_length(item, data.max_length, data.overlong)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftcli.data.jsonrows import loads_row, read_json_records
 from peftcli.errors import PATH_RULE, UserError
 from peftcli.recipe import DataSource
+from peftcli.recipe.files import special_kind
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
@@ -37,7 +40,8 @@ class BadRow:
 def read_source(source: DataSource, key: str) -> list[Row | BadRow]:
     """All rows of one source. `key` (e.g. "data.train") names the recipe key in errors."""
     path = source.path
-    if any(ch in path for ch in "*?["):
+    # A file named `train[v2].jsonl` is that file: only a path that does not exist is a pattern.
+    if any(ch in path for ch in "*?[") and not os.path.lexists(path):
         files = sorted(p for p in glob.glob(path, recursive=True) if p.endswith(SUFFIXES))
         if not files:
             raise UserError(f"{key}: the pattern {path} matches no {'/'.join(SUFFIXES)} file")
@@ -55,12 +59,15 @@ def read_source(source: DataSource, key: str) -> list[Row | BadRow]:
                 hint="point data.train at a file, a glob, or a folder of data files",
             )
         return [row for file in files for row in _read_file(file, key)]
-    if local.is_file():
+    if local.is_file() or special_kind(local):
         return _read_file(local, key)
     raise UserError(f"{key}: data file not found: {path}", hint=PATH_RULE)
 
 
 def _read_file(path: Path, key: str) -> list[Row | BadRow]:
+    kind = special_kind(path)  # checked before opening: reading a FIFO blocks, a device never ends
+    if kind is not None:
+        raise UserError(f"{key}: {path} is {kind}, not a regular file", hint="point it at a data file")
     if path.suffix not in SUFFIXES:
         raise UserError(f"{key}: {path.name}: unsupported file type '{path.suffix}'", hint=f"use one of {SUFFIXES}")
     if path.stat().st_size == 0:
@@ -79,6 +86,10 @@ def _read_file(path: Path, key: str) -> list[Row | BadRow]:
         raise UserError(f"{key}: {path}: not UTF-8 text (byte {exc.start})") from None
     except PermissionError:
         raise UserError(f"{key}: {path}: permission denied") from None
+    except OSError as exc:  # an I/O error, a file removed while being read
+        raise UserError(f"{key}: {path}: cannot read it ({exc.strerror or exc})") from None
+    except UserError as exc:  # a reader's error about the whole file: say which key it came from
+        raise UserError(f"{key}: {exc.message}", hint=exc.hint) from None
 
 
 def _read_jsonl(path: Path) -> list[Row | BadRow]:
@@ -89,9 +100,9 @@ def _read_jsonl(path: Path) -> list[Row | BadRow]:
                 continue
             origin = f"{path.name} line {number}"
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                rows.append(BadRow(origin, f"invalid JSON ({exc.msg} at column {exc.colno})"))
+                value = loads_row(line)
+            except ValueError as exc:
+                rows.append(BadRow(origin, str(exc)))
                 continue
             if not isinstance(value, dict):
                 rows.append(BadRow(origin, f"expected a JSON object, got {type(value).__name__}"))
@@ -101,50 +112,52 @@ def _read_jsonl(path: Path) -> list[Row | BadRow]:
 
 
 def _read_json(path: Path) -> list[Row | BadRow]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
-            hint="a .json file holds one list of records; use .jsonl for one record per line",
-        ) from None
-    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
-        # Columnar {"col": [...], ...}, as pandas' to_json(orient="list") writes it.
-        lengths = {len(v) for v in value.values()}
-        if len(lengths) != 1:
-            raise UserError(f"{path}: columns have different lengths {sorted(lengths)}")
-        keys = list(value)
-        value = [dict(zip(keys, items)) for items in zip(*value.values())]
-    if not isinstance(value, list):
-        raise UserError(f"{path}: expected a list of records, got a JSON {type(value).__name__}")
     rows: list[Row | BadRow] = []
-    for number, item in enumerate(value, start=1):
-        origin = f"{path.name} record {number}"
-        if isinstance(item, dict):
-            rows.append(Row(item, origin))
+    for record in read_json_records(path):
+        if isinstance(record.value, dict):
+            rows.append(Row(record.value, record.origin))
         else:
-            rows.append(BadRow(origin, f"expected a JSON object, got {type(item).__name__}"))
+            reason = record.problem or f"expected a JSON object, got {type(record.value).__name__}"
+            rows.append(BadRow(record.origin, reason))
     return rows
 
 
 def _read_csv(path: Path) -> list[Row | BadRow]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise UserError(f"{path}: no header row", hint="the first line of a CSV must name its columns")
-        rows: list[Row | BadRow] = []
-        for record in reader:
-            origin = f"{path.name} line {reader.line_num}"
-            if None in record:  # more cells than header columns
-                rows.append(
-                    BadRow(
-                        origin,
-                        f"{len(reader.fieldnames) + len(record[None])} cells for "
-                        f"{len(reader.fieldnames)} header columns",
-                    )
-                )
-                continue
-            rows.append(Row(dict(record), origin))
+    # A record may span lines (a quoted cell with newlines): each row is cited by the line it starts
+    # on, which csv.DictReader does not keep, so the header is applied here.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(sys.maxsize)  # a long cell is data (encode bounds its cost), not an error
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            return _csv_rows(path, csv.reader(handle))
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(path: Path, reader) -> list[Row | BadRow]:
+    header: list[str] | None = None
+    rows: list[Row | BadRow] = []
+    start = 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # the reader cannot resynchronise after this: the file is the error
+            raise UserError(f"{path} line {start}: not readable as CSV ({exc})", hint="check its quoting") from None
+        line, start = start, reader.line_num + 1
+        if not record:  # a blank line
+            continue
+        if header is None:
+            header = record
+            continue
+        origin = f"{path.name} line {line}"
+        if len(record) > len(header):
+            rows.append(BadRow(origin, f"{len(record)} cells for {len(header)} header columns"))
+            continue
+        rows.append(Row(dict(zip(header, record + [None] * (len(header) - len(record)))), origin))
+    if not header:
+        raise UserError(f"{path}: no header row", hint="the first line of a CSV must name its columns")
     return rows
 
 
@@ -177,7 +190,14 @@ def _read_parquet(path: Path) -> list[Row | BadRow]:
 def _read_saved_dataset(path: Path, source: DataSource, key: str) -> list[Row | BadRow]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign folder: datasets raises many types
+        raise UserError(
+            f"{key}: {path} looks like a saved dataset (it has dataset_dict.json or state.json) but cannot "
+            f"be loaded: {str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__}",
+            hint="point data.train at the data files, or save the dataset again with save_to_disk",
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if source.split not in loaded:
             raise UserError(f"{key}: {path} has no split '{source.split}'", hint=f"splits: {', '.join(loaded)}")

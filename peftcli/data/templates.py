@@ -14,9 +14,19 @@ from pathlib import Path
 from peftcli import console
 from peftcli.data.formats import BadRowError
 from peftcli.errors import UserError
+from peftcli.recipe.files import human_size, read_capped, special_kind
 from peftcli.recipe.schema import BUILTIN_TEMPLATES
 
 BUILTIN = BUILTIN_TEMPLATES
+MAX_TEMPLATE_BYTES = 1 << 20  # templates are a few KB
+# What any chat template must render. A template that fails on these fails on every row, so the
+# fault is the template's, not row 1's. The system turn is tried first and then left out: some
+# templates (Gemma's) refuse system turns, which only makes rows with one bad rows.
+_PROBES = (
+    ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}),
+    ({"role": "user", "content": "Hi"},),
+)
+_REPLY = {"role": "assistant", "content": "Hello"}
 
 
 @dataclass(frozen=True)
@@ -43,23 +53,75 @@ def resolve_template(setting: str, tokenizer) -> ChatTemplate:
     elif setting in BUILTIN:
         template = ChatTemplate(setting, builtin_template(setting))
     else:
-        path = Path(setting)
-        if not path.is_file():
-            raise UserError(
-                f"data.chat_template: '{setting}' is neither a built-in template ({', '.join(BUILTIN)}, auto) "
-                "nor an existing .jinja file"
-            )
-        template = ChatTemplate(str(path), path.read_text(encoding="utf-8"))
+        template = ChatTemplate(setting, _read_template_file(Path(setting)))
     tokenizer.chat_template = template.source
+    _check_template(tokenizer, template)
     return template
+
+
+def _read_template_file(path: Path) -> str:
+    kind = special_kind(path)
+    if kind is not None:
+        raise UserError(f"data.chat_template: {path} is {kind}, not a template file")
+    if not path.is_file():
+        raise UserError(
+            f"data.chat_template: '{path}' is neither a built-in template ({', '.join(BUILTIN)}, auto) "
+            "nor an existing .jinja file"
+        )
+    data = read_capped(path, MAX_TEMPLATE_BYTES)
+    if data is None:
+        raise UserError(
+            f"data.chat_template: {path} is {human_size(path.stat().st_size)}; a chat template is a few KB",
+            hint="is this the right file?",
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"data.chat_template: {path} is not UTF-8 text (byte {exc.start})",
+            hint="a chat template is a Jinja text file; save it as UTF-8",
+        ) from None
+
+
+def _check_template(tokenizer, template: ChatTemplate) -> None:
+    """Render a plain conversation once, so that a broken template (a syntax error, an unknown filter)
+    is reported as the template's fault instead of row 1's."""
+    error = None
+    for turns in _PROBES:
+        try:
+            render_raw(tokenizer, [*turns, _REPLY])
+            render_raw(tokenizer, list(turns), add_generation_prompt=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - jinja and templates raise anything
+            error = error or exc
+    what = {
+        "tokenizer": "the tokenizer's own chat template (auto)",
+        **{name: f"the built-in template '{name}'" for name in BUILTIN},
+    }.get(template.name, f"the template file {template.name}")
+    line = getattr(error, "lineno", None)
+    at = f" (template line {line})" if line else ""
+    raise UserError(
+        f"data.chat_template: {what} fails on a plain system/user/assistant conversation{at}: {_first_line(error)}",
+        hint="fix the template, or set data.chat_template to a built-in one (" + ", ".join(BUILTIN) + ")",
+    )
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip() if exc is not None else ""
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
 def render(tokenizer, turns, add_generation_prompt: bool = False) -> str:
     """Render a conversation (a sequence of Turn or role/content dicts) to text."""
-    messages = [t if isinstance(t, dict) else {"role": t.role, "content": t.content} for t in turns]
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return render_raw(tokenizer, turns, add_generation_prompt)
     except Exception as exc:  # jinja raises TemplateError subclasses, and templates raise their own
         # Templates often reject role orders they do not support (two user turns in a row, say):
         # that is a property of the row, so it is reported (or skipped) like any other bad row.
         raise BadRowError(f"the chat template refused this conversation: {exc}") from None
+
+
+def render_raw(tokenizer, turns, add_generation_prompt: bool = False) -> str:
+    """`render` with the template's own exceptions."""
+    messages = [t if isinstance(t, dict) else {"role": t.role, "content": t.content} for t in turns]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from peftcli.errors import UserError
 from peftcli.methods.base import MethodContext, MethodSpec, via_peft
 from peftcli.methods.targets import TargetModules
-from peftcli.spec import PositiveFloat, PositiveInt, Probability
+from peftcli.spec import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
 # Our names for peft's `init_lora_weights`; "default" is peft's True (B = 0, so step 0 = the base).
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
@@ -34,9 +34,7 @@ class LoraSpec(MethodSpec):
     modules_to_save: list[str] | None = Field(
         None, description="Extra modules trained in full and saved with the adapter (e.g. lm_head)."
     )
-    layers_to_transform: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="Only adapt these layer indices."
-    )
+    layers_to_transform: list[NonNegativeInt] | None = Field(None, description="Only adapt these layer indices.")
 
     @model_validator(mode="after")
     def _dora_shorthand(self) -> LoraSpec:
@@ -115,12 +113,12 @@ class AdaLoraSpec(MethodSpec):
     alpha: PositiveFloat = Field(16, description="Scaling numerator.")
     dropout: Probability = 0.05
     target_modules: TargetModules = "all-linear"
-    tinit: Annotated[int, Field(ge=0)] = Field(0, description="Warm-up steps before ranks are pruned.")
-    tfinal: Annotated[int, Field(ge=0)] = Field(0, description="Final steps at the settled ranks.")
+    tinit: NonNegativeInt = Field(0, description="Warm-up steps before ranks are pruned.")
+    tfinal: NonNegativeInt = Field(0, description="Final steps at the settled ranks.")
     delta_t: PositiveInt = Field(1, description="Steps between budget re-allocations.")
     beta1: Probability = 0.85
     beta2: Probability = 0.85
-    orth_reg_weight: Annotated[float, Field(ge=0)] = Field(0.5, description="Orthogonality regulariser weight.")
+    orth_reg_weight: NonNegativeFloat = Field(0.5, description="Orthogonality regulariser weight.")
 
 
 def _adalora_budget(spec: AdaLoraSpec, model, ctx: MethodContext) -> dict:

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from peftcli.methods.base import MethodSpec, via_peft
 from peftcli.methods.targets import TargetModules
-from peftcli.spec import PositiveFloat, PositiveInt, Probability
+from peftcli.spec import Int, PositiveFloat, PositiveInt, Probability
 
 
 class _ProductKeys(MethodSpec):
@@ -28,7 +28,7 @@ class LohaSpec(_ProductKeys):
 class LokrSpec(_ProductKeys):
     method: Literal["lokr"]
     decompose_both: bool = Field(False, description="Low-rank decompose the left factor too.")
-    decompose_factor: int = Field(-1, description="Kronecker factor size; -1 picks it from the shape.")
+    decompose_factor: Int = Field(-1, description="Kronecker factor size; -1 picks it from the shape.")
 
 
 apply_loha = via_peft("LoHaConfig")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from peftcli.methods.base import MethodContext, MethodSpec, via_peft
 from peftcli.methods.targets import TargetModules
-from peftcli.spec import PositiveInt, Probability
+from peftcli.spec import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
 
 class OftSpec(MethodSpec):
@@ -16,15 +16,15 @@ class OftSpec(MethodSpec):
     block_size: PositiveInt = Field(32, description="Size of each orthogonal block (adjusted to divide the layer).")
     dropout: Probability = Field(0.0, description="Module dropout.")
     coft: bool = Field(False, description="Constrained OFT (keeps the rotation near identity).")
-    eps: Annotated[float, Field(gt=0)] = Field(6e-5, description="COFT's constraint radius.")
+    eps: PositiveFloat = Field(6e-5, description="COFT's constraint radius.")
     block_share: bool = Field(False, description="Share one block across the layer.")
     target_modules: TargetModules = "all-linear"
 
 
 class BoftSpec(MethodSpec):
     method: Literal["boft"]
-    block_size: Annotated[int, Field(ge=0)] = Field(4, description="Block size; must divide every adapted layer.")
-    block_num: Annotated[int, Field(ge=0)] = Field(0, description="Number of blocks (set this or block_size).")
+    block_size: NonNegativeInt = Field(4, description="Block size; must divide every adapted layer.")
+    block_num: NonNegativeInt = Field(0, description="Number of blocks (set this or block_size).")
     butterfly_factor: PositiveInt = Field(1, description="Butterfly factors (1 on machines without CUDA).")
     dropout: Probability = 0.0
     target_modules: TargetModules = "all-linear"

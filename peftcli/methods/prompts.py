@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from peftcli.errors import UserError
 from peftcli.methods.base import MethodContext, MethodSpec, via_peft
-from peftcli.spec import PositiveInt, Probability
+from peftcli.spec import Int, PositiveInt, Probability
 
 SERVE_WITH_PEFT = (
     "serve it with the base model and PEFT: PeftModel.from_pretrained(base, 'RUN/adapter') "
@@ -20,7 +20,7 @@ VirtualTokens = Field(16, gt=0, description="Learned tokens prepended to every i
 
 class PrefixTuningSpec(MethodSpec):
     method: Literal["prefix_tuning"]
-    num_virtual_tokens: int = VirtualTokens
+    num_virtual_tokens: Int = VirtualTokens
     prefix_projection: bool = Field(False, description="Reparametrise the prefix through an MLP while training.")
     encoder_hidden_size: PositiveInt | None = Field(None, description="Hidden size of that MLP.")
 
@@ -34,7 +34,7 @@ apply_prefix_tuning = via_peft("PrefixTuningConfig")
 
 class PromptTuningSpec(MethodSpec):
     method: Literal["prompt_tuning"]
-    num_virtual_tokens: int = VirtualTokens
+    num_virtual_tokens: Int = VirtualTokens
     init: Literal["random", "text", "sample_vocab"] = Field(
         "random", description="Start from random vectors, the embeddings of init_text, or random vocabulary rows."
     )
@@ -59,7 +59,7 @@ apply_prompt_tuning = via_peft("PromptTuningConfig", rename={"init": None, "init
 
 class PTuningSpec(MethodSpec):
     method: Literal["p_tuning"]
-    num_virtual_tokens: int = VirtualTokens
+    num_virtual_tokens: Int = VirtualTokens
     encoder: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder used while training.")
     encoder_hidden_size: PositiveInt | None = Field(None, description="Encoder width (default: the model's).")
     encoder_num_layers: PositiveInt = Field(2, description="LSTM layers (mlp has a fixed shape).")

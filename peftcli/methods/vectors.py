@@ -9,7 +9,7 @@ from pydantic import Field
 from peftcli.errors import UserError
 from peftcli.methods.base import MethodContext, MethodSpec, via_peft
 from peftcli.methods.targets import FEEDFORWARD_OUT, NormModules, TargetModules, resolve_targets
-from peftcli.spec import PositiveInt, Probability
+from peftcli.spec import Float, Int, PositiveInt, Probability
 
 
 class Ia3Spec(MethodSpec):
@@ -39,8 +39,8 @@ class VeraSpec(MethodSpec):
     method: Literal["vera"]
     r: PositiveInt = Field(256, description="Rank of the shared random projections.")
     dropout: Probability = 0.0
-    d_initial: float = Field(0.1, description="Initial value of the trained scaling vector d.")
-    projection_prng_key: int = Field(0, description="Seed of the frozen random projections.")
+    d_initial: Float = Field(0.1, description="Initial value of the trained scaling vector d.")
+    projection_prng_key: Int = Field(0, description="Seed of the frozen random projections.")
     save_projection: bool = Field(True, description="Store the projections in the adapter (else regenerate).")
     target_modules: TargetModules = "all-linear"
 

@@ -19,12 +19,15 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from peftcli.errors import UserError
+from peftcli.recipe.files import human_size, read_capped, special_kind
 from peftcli.recipe.schema import BUILTIN_TEMPLATES, Recipe
+from peftcli.recipe.yaml_guard import YamlProblem, load_checked
 from peftcli.secrets import redact
 
 # Suffixes that mark a string as a local file even when it does not exist (so the user gets
 # "file not found" instead of a hub lookup).
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".jinja", ".yaml", ".yml")
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; anything near this is the wrong file
 
 
 @dataclass
@@ -35,22 +38,6 @@ class RawRecipe:
     path: Path
     lines: dict[tuple[str, ...], int] = field(default_factory=dict)
     overridden: set[tuple[str, ...]] = field(default_factory=set)
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys, which YAML would otherwise silently resolve to the last."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise UserError(
-                    f"line {key_node.start_mark.line + 1}: duplicate key '{key}' (first set on line {seen[key] + 1})",
-                    hint="YAML keeps only the last value; delete one of them",
-                )
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
 
 
 def _line_index(node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
@@ -67,26 +54,44 @@ def _line_index(node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int
     return index
 
 
-def read_yaml(path: Path) -> RawRecipe:
-    if not path.exists():
-        raise UserError(f"recipe file not found: {path}", hint="check the path, or run `peftcli init` for a starter")
-    if path.is_dir():
+def _recipe_bytes(path: Path) -> bytes:
+    """The file's bytes; only a regular file of at most MAX_RECIPE_BYTES is read (a FIFO or a device
+    would block or never end)."""
+    kind = special_kind(path)
+    if kind == "a directory":
         raise UserError(f"{path} is a directory, not a recipe file")
+    if kind is not None:
+        raise UserError(
+            f"{path} is {kind}, not a regular file", hint="a recipe is a YAML file; save it to a file first"
+        )
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = read_capped(path, MAX_RECIPE_BYTES)
+    except FileNotFoundError:
+        raise UserError(
+            f"recipe file not found: {path}", hint="check the path, or run `peftcli init` for a starter"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+    if data is None:
+        raise UserError(
+            f"{path} is {human_size(path.stat().st_size)}; a recipe is a small YAML file (at most "
+            f"{human_size(MAX_RECIPE_BYTES)})",
+            hint="is this the right file? data goes in files that data.train names, not in the recipe",
+        )
+    return data
+
+
+def read_yaml(path: Path) -> RawRecipe:
+    try:
+        text = _recipe_bytes(path).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(
             f"{path}: not a UTF-8 text file (byte {exc.start})", hint="a recipe is a YAML text file"
         ) from None
     try:
-        node = yaml.compose(text, Loader=_StrictLoader)
-        loader = _StrictLoader(text)  # a SafeLoader: no Python objects, ever
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except UserError as exc:
-        raise UserError(f"{path}: {exc.message}", hint=exc.hint) from None
+        data, node = load_checked(text)
+    except YamlProblem as exc:
+        raise UserError(exc.where(f"{path}: "), hint=exc.hint) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -116,7 +121,9 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     if any(not p for p in parts):
         raise UserError(f"--set {key!r}: empty key part; use dotted keys like training.batch_size")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = load_checked(value)[0] if value.strip() else None
+    except YamlProblem as exc:  # the same bounds as a recipe file: a value is a small YAML document
+        raise UserError(f"--set {key}: {exc.message}", hint=exc.hint) from None
     except yaml.YAMLError:
         raise UserError(
             f"--set {key}: cannot parse the value as YAML", hint="quote strings that contain ':' or '#'"
@@ -153,8 +160,8 @@ def _localize(value: Any, base: Path, always: bool = False, key: str = "") -> An
     After this, every local path in a recipe is absolute and anything relative is a hub id. The
     libraries look a relative id up in the working directory first, so a name that is not next to
     the recipe but is in the working directory is refused instead of loaded from there."""
-    if not isinstance(value, str) or not value:
-        return value
+    if not isinstance(value, str) or not value.strip():
+        return value  # validation names the key of an empty path
     expanded = os.path.expanduser(value)
     if os.path.isabs(expanded):
         return os.path.normpath(expanded)
@@ -295,8 +302,14 @@ def _describe(error: dict, raw: RawRecipe) -> str:
     if not loc:
         return message
     given = error.get("input")
-    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {_shown(given)})"
     return f"{where}{key}{origin}: {message}{shown}"
+
+
+def _shown(value: Any) -> str:
+    """A value as the recipe wrote it, clipped: a megabyte-long value must not make a megabyte-long line."""
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 def _wrong_method_keys(method: str, names: list[str], where: str = "", origin: str = "") -> str:

@@ -14,7 +14,16 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from peftcli.methods import PeftSpec
 from peftcli.methods.lora import LoraSpec
-from peftcli.spec import OpenFraction, PositiveFloat, PositiveInt, Probability, Strict
+from peftcli.spec import (
+    Name,
+    NoBool,
+    NonNegativeFloat,
+    OpenFraction,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Strict,
+)
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 BUILTIN_TEMPLATES = ("chatml", "llama3", "mistral")  # data.chat_template names; anything else is a file
@@ -22,11 +31,11 @@ Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", 
 
 
 class ModelSection(Strict):
-    name: str = Field(description="Local directory or hub id of the base causal LM.")
+    name: Name = Field(description="Local directory or hub id of the base causal LM.")
     dtype: DType = Field("auto", description="auto = bfloat16 on a CUDA GPU that supports it, else float32.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    tokenizer: str | None = Field(None, description="Tokenizer path or id when it differs from `name`.")
+    revision: Name | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: Name | None = Field(None, description="Tokenizer path or id when it differs from `name`.")
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = Field(
         "auto", description="Attention kernel; auto lets transformers pick."
     )
@@ -63,12 +72,12 @@ class QuantizationSection(Strict):
 
 
 class DataSource(Strict):
-    path: str = Field(description="Local file, directory or glob (.jsonl/.json/.csv/.parquet), or a hub id.")
+    path: Name = Field(description="Local file, directory or glob (.jsonl/.json/.csv/.parquet), or a hub id.")
     format: Format | None = Field(None, description="Overrides data.format for this source.")
     weight: PositiveFloat | None = Field(None, description="Mixing weight relative to the other sources.")
-    split: str = Field("train", description="Split of a hub dataset.")
-    subset: str | None = Field(None, description="Subset (config name) of a hub dataset.")
-    revision: str | None = Field(None, description="Revision of a hub dataset.")
+    split: Name = Field("train", description="Split of a hub dataset.")
+    subset: Name | None = Field(None, description="Subset (config name) of a hub dataset.")
+    revision: Name | None = Field(None, description="Revision of a hub dataset.")
     columns: dict[str, str] | None = Field(None, description="Overrides data.columns for this source.")
 
 
@@ -77,6 +86,8 @@ def _as_source_list(value: Any) -> Any:
     if value is None:
         return None
     items = value if isinstance(value, list) else [value]
+    if any(isinstance(item, str) and not item.strip() for item in items):
+        raise ValueError("must not be empty; give a file, folder, glob or hub id")  # named as data.train, not [0].path
     return [{"path": item} if isinstance(item, str) else item for item in items]
 
 
@@ -96,7 +107,7 @@ class DataSection(Strict):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map format fields onto your column names, e.g. {output: answer}."
     )
-    chat_template: str = Field("auto", description="auto | chatml | llama3 | mistral | path to a .jinja file.")
+    chat_template: Name = Field("auto", description="auto | chatml | llama3 | mistral | path to a .jinja file.")
     train_on: Literal["completions", "all", "last_turn"] = Field("completions", description="Which tokens carry loss.")
     max_length: PositiveInt = Field(1024, description="Tokens per example (or per packed row).")
     packing: bool | Literal["auto"] = Field(
@@ -120,8 +131,8 @@ class TrainingSection(Strict):
         "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
     ] = "linear"
     warmup_ratio: Probability = Field(0.0, description="Fraction of steps spent warming up.")
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    max_grad_norm: Annotated[float, Field(ge=0)] = Field(1.0, description="Gradient clipping; 0 disables.")
+    weight_decay: NonNegativeFloat = 0.0
+    max_grad_norm: NonNegativeFloat = Field(1.0, description="Gradient clipping; 0 disables.")
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
         "auto", description="auto = fused AdamW (on CPU and GPU)."
     )
@@ -134,12 +145,12 @@ class TrainingSection(Strict):
     )
     tf32: bool | Literal["auto"] = Field("auto", description="TF32 matmuls for fp32 work. auto = on Ampere+ GPUs.")
     compile: bool = Field(False, description="torch.compile the model (slower start, faster steps on GPU).")
-    seed: Annotated[int, Field(ge=0, lt=2**32)] = 42
+    seed: Annotated[int, Field(ge=0, lt=2**32), NoBool] = 42
     eval_steps: PositiveInt | None = Field(None, description="Compute the eval loss every N steps while training.")
     early_stopping_patience: PositiveInt | None = Field(
         None, description="Stop after N evals without improvement; adapter/ is then the best one seen."
     )
-    early_stopping_threshold: Annotated[float, Field(ge=0)] = Field(
+    early_stopping_threshold: NonNegativeFloat = Field(
         0.0, description="Smallest eval-loss drop that counts as an improvement."
     )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
@@ -155,14 +166,14 @@ class TrainingSection(Strict):
 
 
 class EvalSection(Strict):
-    reference: str | None = Field(
+    reference: Name | None = Field(
         None, description="General text (a .txt file or any data format) to measure forgetting on."
     )
-    forgetting_threshold: Annotated[float, Field(ge=0)] = Field(
+    forgetting_threshold: NonNegativeFloat = Field(
         5.0, description="Perplexity rise on the reference, in %, that the report flags."
     )
     max_new_tokens: PositiveInt = Field(64, description="Generation eval: tokens generated per prompt.")
-    temperature: Annotated[float, Field(ge=0)] = Field(0.0, description="Generation eval: 0 = greedy.")
+    temperature: NonNegativeFloat = Field(0.0, description="Generation eval: 0 = greedy.")
     num_samples: PositiveInt = Field(1, description="Generation eval: samples per prompt (needs temperature > 0).")
 
     @model_validator(mode="after")
@@ -173,7 +184,7 @@ class EvalSection(Strict):
 
 
 class OutputSection(Strict):
-    dir: str | None = Field(None, description="Run directory (default runs/<recipe name>).")
+    dir: Name | None = Field(None, description="Run directory (default runs/<recipe name>).")
 
 
 class Recipe(Strict):

@@ -9,11 +9,13 @@ whether or not it is complete (a missing `optimizer.pt` silently restarts the LR
   checkpoint as the newest one;
 - optimizer and RNG state are stored as safetensors + JSON, scheduler state as JSON, the training
   arguments as JSON: no file in a checkpoint is a pickle, and resuming calls no `torch.load`;
-- `--resume` picks the newest *complete* checkpoint and says which ones it skipped.
+- `--resume` picks the newest *complete and whole* checkpoint and says which ones it skipped, and
+  why (a missing file, or one cut short).
 
 With several processes the staging folder is cleared, written and renamed between barriers, and
 each process keeps its own RNG state. Under FSDP and DeepSpeed, whose optimizer state is sharded,
-the optimizer/scheduler/RNG files are upstream's own (their formats are pickles).
+the optimizer/scheduler/RNG files are upstream's own; their format is pickle, which peftcli never
+loads, so such checkpoints cannot be resumed (README: "More than one GPU").
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ import re
 import shutil
 from pathlib import Path
 
+from peftcli.integrity import PICKLE_WHY, damaged_files, pickles
 from peftcli.rundir import TMP_PREFIX
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER = "optimizer.safetensors", "optimizer.json", "scheduler.json"
 RNG, STATE, SCALER = "rng_state", "trainer_state.json", "scaler.json"
 REQUIRED = (STATE, OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER)
-# Files upstream Trainer writes under FSDP/DeepSpeed (sharded optimizer state).
-UPSTREAM_OPTIMIZER = ("optimizer.pt", "optimizer_0", "pytorch_model_fsdp_0", "global_step*")
 
 
 def _write_json(value, path: str) -> None:
@@ -56,18 +57,36 @@ def _fsync_tree(path: str) -> None:
 
 
 def missing_files(checkpoint: Path) -> list[str]:
-    """What a checkpoint lacks to be resumed exactly; [] means complete."""
-    if not (checkpoint / OPTIMIZER_META).exists() and any(any(checkpoint.glob(p)) for p in UPSTREAM_OPTIMIZER):
-        # written under FSDP/DeepSpeed in upstream's layout: the renamed folder is complete by construction
-        return [] if (checkpoint / STATE).is_file() else [STATE]
+    """What a checkpoint lacks to be resumed exactly; [] means complete. Strict: a checkpoint whose
+    optimizer state exists only as upstream's pickle (`optimizer.pt`, written under FSDP/DeepSpeed)
+    is not complete, since resuming it would either unpickle it or silently restart the optimizer."""
     missing = [name for name in REQUIRED if not (checkpoint / name).is_file()]
     if not any(checkpoint.glob(f"{RNG}*.safetensors")):
         missing.append(f"{RNG}.safetensors")
-    has_adapter = (checkpoint / "adapter_config.json").is_file() and any(checkpoint.glob("adapter_model*"))
+    has_adapter = (checkpoint / "adapter_config.json").is_file() and any(checkpoint.glob("adapter_model*.safetensors"))
     has_model = (checkpoint / "config.json").is_file() and any(checkpoint.glob("model*.safetensors"))
     if not (has_adapter or has_model):
-        missing.append("adapter or model weights")
+        missing.append("adapter or model weights (.safetensors)")
+    pickled = pickles(checkpoint)
+    if missing and pickled:
+        missing[-1] += f"; {', '.join(pickled)} {'is' if len(pickled) == 1 else 'are'} {PICKLE_WHY}"
     return missing
+
+
+def problems(checkpoint: Path) -> list[str]:
+    """Why a checkpoint cannot be resumed: files missing, or present but damaged (cut short). []: it can."""
+    missing = missing_files(checkpoint)
+    if missing:
+        return [f"incomplete (missing {', '.join(missing)})"]
+    damaged = damaged_files(checkpoint)
+    if damaged:
+        return [f"damaged ({'; '.join(damaged)})"]
+    try:
+        state = json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+        int(state["global_step"])
+    except (KeyError, TypeError, ValueError):
+        return [f"damaged ({STATE} has no global_step)"]
+    return []
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -84,10 +103,10 @@ def newest_complete(run_dir: Path) -> tuple[Path | None, list[str]]:
         if p.is_dir()
     ]
     for checkpoint in checkpoints(run_dir):
-        missing = missing_files(checkpoint)
-        if not missing:
+        found = problems(checkpoint)
+        if not found:
             return checkpoint, notes
-        notes.append(f"skipping {checkpoint.name}: incomplete (missing {', '.join(missing)})")
+        notes.append(f"skipping {checkpoint.name}: {found[0]}")
     return None, notes
 
 
@@ -188,8 +207,9 @@ class SafeCheckpoints:
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         import safetensors.torch
 
-        if checkpoint is None or not os.path.exists(os.path.join(checkpoint, OPTIMIZER_META)):
-            return super()._load_optimizer_and_scheduler(checkpoint)  # FSDP/DeepSpeed layout
+        if checkpoint is None:
+            return None
+        # Upstream's loader would unpickle optimizer.pt; `problems()` refused such checkpoints already.
         tensors = safetensors.torch.load_file(os.path.join(checkpoint, OPTIMIZER_TENSORS), device="cpu")
         with open(os.path.join(checkpoint, OPTIMIZER_META), encoding="utf-8") as handle:
             meta = json.load(handle)
@@ -240,7 +260,9 @@ class SafeCheckpoints:
             return None
         name = self._rng_name()
         if not os.path.isfile(os.path.join(checkpoint, f"{name}.safetensors")):
-            return super()._load_rng_state(checkpoint)  # upstream layout, or none
+            # Saved by another number of processes: dropout streams differ from an uninterrupted run's
+            # (upstream's fallback would unpickle rng_state.pth instead).
+            return None
         tensors = safetensors.torch.load_file(os.path.join(checkpoint, f"{name}.safetensors"))
         with open(os.path.join(checkpoint, f"{name}.json"), encoding="utf-8") as handle:
             meta = json.load(handle)
@@ -264,7 +286,7 @@ class SafeCheckpoints:
     def _load_scaler(self, checkpoint: str | None) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
         if checkpoint is None or scaler is None or not os.path.isfile(os.path.join(checkpoint, SCALER)):
-            return super()._load_scaler(checkpoint)
+            return None  # never upstream's scaler.pt: a pickle
         with open(os.path.join(checkpoint, SCALER), encoding="utf-8") as handle:
             scaler.load_state_dict(json.load(handle))
         return None

@@ -10,17 +10,18 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peftcli import console as cli_console
-from peftcli import hardware, modeling, report
+from peftcli import hardware, interruption, modeling, report
 from peftcli.data import PreparedData, prepare_data
 from peftcli.errors import CheckFailed, Interrupted, UserError
 from peftcli.launch import is_main_process
 from peftcli.methods import Method, MethodContext, method_of
-from peftcli.preflight import check_environment
+from peftcli.preflight import check_environment, protected_paths
 from peftcli.recipe import Recipe, recipe_to_yaml
 from peftcli.rundir import (
     RECIPE,
@@ -29,10 +30,14 @@ from peftcli.rundir import (
     atomic_dir,
     atomic_write_text,
     check_output_dir,
-    create_output_dir,
-    discard_unsaved_run,
+    claim_run_dir,
+    is_run_dir,
     replace_dir,
+    start_run_dir,
+    write_run_marker,
 )
+from peftcli.training.data_notes import report_data
+from peftcli.training.failures import does_not_fit, interrupted_note, out_of_memory_error
 from peftcli.training.settings import Settings
 from peftcli.training.settings import resolve as resolve_settings
 from peftcli.training.tracking import BEST, BEST_INFO, EvalTracker, loggers
@@ -89,10 +94,12 @@ def planned_steps(recipe: Recipe, train_rows: int) -> int:
     return max(1, math.ceil(per_epoch * (t.epochs or 1.0)))
 
 
-def preflight(recipe: Recipe, overwrite: bool, check_output: bool = True) -> None:
+def preflight(
+    recipe: Recipe, overwrite: bool, check_output: bool = True, protected: list[tuple[str, Path]] = ()
+) -> None:
     """Every check that needs no weights: the output folder, the model folder, the environment."""
     if check_output:  # other processes of a multi-process run leave the folder to rank 0
-        check_output_dir(Path(recipe.output.dir), overwrite)
+        check_output_dir(Path(recipe.output.dir), overwrite, protected)
     check_environment(recipe)
 
 
@@ -119,37 +126,6 @@ def prepare(recipe: Recipe) -> Prepared:
     return Prepared(tokenizer, data, model, method, ctx, dtype, scratch, settings)
 
 
-def describe_packing(trainer, prepared: Prepared) -> str:
-    impl = getattr(prepared.model.config, "_attn_implementation", None) or "default"
-    rows = len(trainer.train_dataset)
-    how = (
-        "varlen flash-attention kernels"
-        if impl.startswith("flash")
-        else f"{impl} attention with a block-diagonal mask built from the per-example position ids "
-        "(flash_attention_2 on a GPU is the faster varlen path)"
-    )
-    return f"packing: {len(prepared.data.train)} examples into {rows} padding-free rows; examples stay apart via {how}"
-
-
-def out_of_memory_error(recipe: Recipe, settings: Settings | None, step: int) -> UserError:
-    t, quant = recipe.training, recipe.quantization
-    knobs = [
-        f"lower training.batch_size and raise training.gradient_accumulation (same effective batch of "
-        f"{t.batch_size * t.gradient_accumulation})",
-        "set training.gradient_checkpointing: true" if not (settings and settings.gradient_checkpointing) else None,
-        f"lower data.max_length ({recipe.data.max_length})",
-        "quantize the base (quantization.bits: 4)" if quant is None else None,
-    ]
-    where = f"at step {step}" if step else "while loading the model"
-    error = UserError(
-        f"out of memory {where} with training.batch_size {t.batch_size}, data.max_length "
-        f"{recipe.data.max_length}, quantization {quant.describe() if quant else 'none'}",
-        hint="; ".join(k for k in knobs if k) + ". Checkpoints saved so far are kept (resume with --resume).",
-    )
-    error.per_rank = True  # one process of several may run out alone
-    return error
-
-
 def run_training(
     recipe: Recipe,
     *,
@@ -158,20 +134,44 @@ def run_training(
     force: bool = False,
     console=None,
     source: str | None = None,
+    recipe_file: Path | None = None,
 ) -> TrainOutcome:
     """Train as the recipe says. `resume` is "latest" or a checkpoint path; `force` accepts a changed
-    recipe; `source` is the recipe file as the user named it (for the resume hint).
+    recipe; `source` is the recipe file as the user named it (for the resume hint), `recipe_file` the
+    file itself (output.dir may not hold it).
 
-    Under a multi-process launch every process runs this; rank 0 alone writes the run directory."""
-    from peftcli.training.checkpoints import remove_staging
-    from peftcli.training.progress import TrainingProgress
-    from peftcli.training.resume import discard_abandoned, plan_resume
-    from peftcli.training.signals import GracefulStop
+    Under a multi-process launch every process runs this; rank 0 alone writes the run directory,
+    holding its lock from before anything is written until the command ends."""
+    from peftcli.training.resume import plan_resume
 
     out, main = Path(recipe.output.dir), is_main_process()
-    checkpoint = plan_resume(recipe, out, resume, force) if resume else None
-    # A resumed run's folder was checked by plan_resume (it may have moved since it was written).
-    preflight(recipe, overwrite=overwrite, check_output=main and checkpoint is None)
+    # The run's own saved recipe (`peftcli train RUN/recipe.yaml --resume`) lies in the run, of course.
+    own_recipe = recipe_file is not None and recipe_file.resolve() == (out / RECIPE).resolve() and is_run_dir(out)
+    protected = protected_paths(recipe, None if own_recipe else recipe_file)
+    # Read-only checks first: a mistake is reported before anything is created, locked or loaded.
+    if resume:
+        plan_resume(recipe, out, resume, force, quiet=True)
+    preflight(recipe, overwrite=overwrite, check_output=main and not resume, protected=protected)
+    command = f"peftcli train {source or out / RECIPE}"
+    with interruption.saving(lambda: interrupted_note(out, command)), ExitStack() as claim:
+        if main:
+            # A new run that fails before it saved anything (a late user error, a crash, Ctrl-C)
+            # leaves no folder behind; the lock keeps a second `train`/`eval`/`merge` out meanwhile.
+            claim.enter_context(claim_run_dir(out, fresh=not resume))
+        # Under the lock, again: another process may have changed the folder since the checks above.
+        checkpoint = plan_resume(recipe, out, resume, force) if resume else None
+        if main and checkpoint is None:
+            check_output_dir(out, overwrite, protected)
+        return _train_in(recipe, out, main, checkpoint, overwrite, console, command)
+
+
+def _train_in(recipe, out: Path, main: bool, checkpoint: Path | None, overwrite: bool, console, command: str):
+    """Load, train and report into `out` (claimed by run_training)."""
+    from peftcli.training.checkpoints import remove_staging
+    from peftcli.training.progress import TrainingProgress
+    from peftcli.training.resume import discard_after_load
+    from peftcli.training.signals import GracefulStop
+
     try:
         prepared = prepare(recipe)
     except Exception as exc:
@@ -179,65 +179,65 @@ def run_training(
             raise out_of_memory_error(recipe, None, 0) from None
         raise
 
-    # The run directory is created only now: a recipe or data error leaves nothing behind.
+    # The run's own files are written only now: a recipe or data error changes nothing on disk.
     if main:
         if checkpoint is None:
-            create_output_dir(out, overwrite)
+            start_run_dir(out, overwrite)
+        else:
+            write_run_marker(out)
         remove_staging(out)
-        if checkpoint is not None:
-            removed = discard_abandoned(out, checkpoint)
-            if removed:
-                cli_console.note(f"resuming from {checkpoint.name}: removed the later {', '.join(removed)}")
         # After a resume too: the saved recipe must say what ran (cadence keys may have changed).
         atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
-    # A new run that fails before it saved anything (a late user error, a crash) leaves no folder.
-    with discard_unsaved_run(out, fresh=main and checkpoint is None):
-        t = recipe.training
-        stop = GracefulStop()
-        tracker = EvalTracker(
-            out,
-            lambda model, folder: save_artifact(recipe, prepared, model, folder),
-            t.early_stopping_patience,
-            t.early_stopping_threshold,
+    t = recipe.training
+    stop = GracefulStop()
+    tracker = EvalTracker(
+        out,
+        lambda model, folder: save_artifact(recipe, prepared, model, folder),
+        t.early_stopping_patience,
+        t.early_stopping_threshold,
+    )
+    progress = TrainingProgress(console)
+    # Resuming from an older checkpoint drops the later ones, once it has loaded (never before).
+    extra = [discard_after_load(out, checkpoint)] if main and checkpoint is not None else []
+    trainer = build_trainer(
+        recipe, prepared, out, callbacks=[progress, stop, tracker, *extra, *loggers(t.report_to, out)]
+    )
+    progress.token_counter = trainer.token_counter
+    if main:
+        report_data(prepared, trainer, recipe)
+
+    runtime = _train(trainer, stop, tracker, checkpoint, recipe, prepared, extra)
+    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
+        _finish(recipe, prepared, trainer, runtime, None, status="interrupted")
+        step = trainer.state.global_step
+        raise Interrupted(
+            stop.signum,
+            f"stopped after step {step}; checkpoint-{step} saved in {out}",
+            hint=f"continue with: {command} --resume",
         )
-        progress = TrainingProgress(console)
-        trainer = build_trainer(recipe, prepared, out, callbacks=[progress, stop, tracker, *loggers(t.report_to, out)])
-        progress.token_counter = trainer.token_counter
+
+    # The adapter (or full model) + tokenizer with its chat template, atomically. With early
+    # stopping it is the best one evaluated (saved by the tracker when it was seen).
+    final = artifact_dir(out, prepared.method)
+    use_best = _use_best(out, t.early_stopping_patience is not None, main, trainer.args.world_size)
+    if use_best:
         if main:
-            _report_data(prepared, trainer, recipe)
-
-        runtime = _train(trainer, stop, tracker, checkpoint, recipe, prepared)
-        if stop.requested and trainer.state.global_step < trainer.state.max_steps:
-            _finish(recipe, prepared, trainer, runtime, None, status="interrupted")
-            step = trainer.state.global_step
-            raise Interrupted(
-                stop.signum,
-                f"stopped after step {step}; checkpoint-{step} saved in {out}",
-                hint=f"continue with: peftcli train {source or Path(recipe.output.dir) / RECIPE} --resume",
-            )
-
-        # The adapter (or full model) + tokenizer with its chat template, atomically. With early
-        # stopping it is the best one evaluated (saved by the tracker when it was seen).
-        final = artifact_dir(out, prepared.method)
-        use_best = _use_best(out, t.early_stopping_patience is not None, main, trainer.args.world_size)
-        if use_best:
-            if main:
-                replace_dir(out / BEST, final)
-                (out / BEST_INFO).unlink(missing_ok=True)  # metrics.json carries best_step / best_eval_loss
-            eval_loss = tracker.best
-        else:
-            eval_loss = _final_eval(trainer, prepared)
-            _save_final(recipe, prepared, trainer, final, main)
-        extra = {
-            "eval_history": [
-                {"step": e["step"], "eval_loss": e["eval_loss"]}
-                for e in trainer.state.log_history
-                if "eval_loss" in e and "step" in e
-            ],
-            **tracker.summary(),
-            "adapter_is": "best" if use_best else "final",
-        }
-        return _finish(recipe, prepared, trainer, runtime, eval_loss, extra=extra)
+            replace_dir(out / BEST, final)
+            (out / BEST_INFO).unlink(missing_ok=True)  # metrics.json carries best_step / best_eval_loss
+        eval_loss = tracker.best
+    else:
+        eval_loss = _final_eval(trainer, prepared)
+        _save_final(recipe, prepared, trainer, final, main)
+    extra_metrics = {
+        "eval_history": [
+            {"step": e["step"], "eval_loss": e["eval_loss"]}
+            for e in trainer.state.log_history
+            if "eval_loss" in e and "step" in e
+        ],
+        **tracker.summary(),
+        "adapter_is": "best" if use_best else "final",
+    }
+    return _finish(recipe, prepared, trainer, runtime, eval_loss, extra=extra_metrics)
 
 
 def _use_best(out: Path, early_stopping: bool, main: bool, world_size: int) -> bool:
@@ -273,8 +273,9 @@ def _final_eval(trainer, prepared: Prepared) -> float | None:
         return None
 
 
-def _train(trainer, stop, tracker, checkpoint: Path | None, recipe: Recipe, prepared: Prepared) -> float:
-    """Run the training loop (or finish a last-step checkpoint); an OOM becomes a user error."""
+def _train(trainer, stop, tracker, checkpoint: Path | None, recipe: Recipe, prepared: Prepared, loaded=()) -> float:
+    """Run the training loop (or finish a last-step checkpoint); an OOM becomes a user error, and so
+    does a checkpoint that does not fit this model. `loaded`: callbacks told once the checkpoint loaded."""
     import torch
 
     from peftcli.training.checkpoints import finished_training, load_final_checkpoint
@@ -288,10 +289,17 @@ def _train(trainer, stop, tracker, checkpoint: Path | None, recipe: Recipe, prep
                 if is_main_process():
                     cli_console.note(f"{checkpoint.name} is the last step: nothing left to train, writing the results")
                 load_final_checkpoint(trainer, checkpoint)
-                tracker.on_train_begin(trainer.args, trainer.state, trainer.control)  # best so far, from the log
+                for callback in (tracker, *loaded):  # best so far, from the log; drop later checkpoints
+                    callback.on_train_begin(trainer.args, trainer.state, trainer.control)
             else:
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except Exception as exc:
+            if checkpoint is not None and does_not_fit(exc):
+                detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc))
+                raise UserError(
+                    f"--resume: {checkpoint} does not fit this model ({detail[:200]})",
+                    hint="it was trained with another base, method or rank; nothing in the run was changed",
+                ) from None
             if not modeling.is_out_of_memory(exc):
                 raise
             if torch.cuda.is_available():
@@ -383,18 +391,3 @@ def _save_final(recipe: Recipe, prepared: Prepared, trainer, final: Path, main: 
     elif main:
         with atomic_dir(final) as tmp:
             save_artifact(recipe, prepared, trainer.model, tmp)
-
-
-def _report_data(prepared: Prepared, trainer, recipe: Recipe) -> None:
-    """Say what the data stage did that the user may not expect: skips, drops, packing."""
-    for name, stats in (("train", prepared.data.train_stats), ("eval", prepared.data.eval_stats)):
-        if stats.skipped:
-            reasons = "; ".join(f"{reason} ({', '.join(rows)})" for reason, rows in stats.skipped_reasons.items())
-            cli_console.warn(f"data.{name}: skipped {stats.skipped} bad rows (data.bad_rows: skip): {reasons}")
-        if stats.dropped or stats.truncated:
-            cli_console.note(
-                f"data.{name}: {stats.truncated} examples truncated, {stats.dropped} dropped "
-                f"(longer than data.max_length {recipe.data.max_length}, data.overlong: {recipe.data.overlong})"
-            )
-    if prepared.settings.packing:
-        cli_console.note(describe_packing(trainer, prepared))

@@ -8,10 +8,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from peftcli import console
-from peftcli.rundir import atomic_dir, atomic_write_json
-
-BEST = "best-adapter"  # the best adapter so far (early stopping); becomes adapter/ at the end
-BEST_INFO = "best.json"
+from peftcli.rundir import BEST_ADAPTER as BEST
+from peftcli.rundir import BEST_INFO, TENSORBOARD, atomic_dir, atomic_write_json
 
 
 class EvalTracker(TrainerCallback):
@@ -83,7 +81,7 @@ def loggers(report_to: list[str], run_dir: Path) -> list:
         tensorboard = TensorBoardCallback()
         # Set the folder rather than a writer: the callback closes its writer at the end of training
         # and opens a new one (in its default `runs/` folder) for the final eval's log otherwise.
-        tensorboard.logging_dir = str(run_dir / "tensorboard")
+        tensorboard.logging_dir = str(run_dir / TENSORBOARD)
         callbacks.append(tensorboard)
     if "wandb" in report_to:
         from transformers.integrations import WandbCallback

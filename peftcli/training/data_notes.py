@@ -1,0 +1,34 @@
+"""What the data stage did that the user may not expect, said once before training starts: rows
+skipped as bad, examples truncated or dropped, and how packing keeps examples apart."""
+
+from __future__ import annotations
+
+from peftcli import console as cli_console
+from peftcli.recipe import Recipe
+
+
+def report_data(prepared, trainer, recipe: Recipe) -> None:
+    """Say what the data stage did that the user may not expect: skips, drops, packing."""
+    for name, stats in (("train", prepared.data.train_stats), ("eval", prepared.data.eval_stats)):
+        if stats.skipped:
+            reasons = "; ".join(f"{reason} ({', '.join(rows)})" for reason, rows in stats.skipped_reasons.items())
+            cli_console.warn(f"data.{name}: skipped {stats.skipped} bad rows (data.bad_rows: skip): {reasons}")
+        if stats.dropped or stats.truncated:
+            cli_console.note(
+                f"data.{name}: {stats.truncated} examples truncated, {stats.dropped} dropped "
+                f"(longer than data.max_length {recipe.data.max_length}, data.overlong: {recipe.data.overlong})"
+            )
+    if prepared.settings.packing:
+        cli_console.note(describe_packing(trainer, prepared))
+
+
+def describe_packing(trainer, prepared) -> str:
+    impl = getattr(prepared.model.config, "_attn_implementation", None) or "default"
+    rows = len(trainer.train_dataset)
+    how = (
+        "varlen flash-attention kernels"
+        if impl.startswith("flash")
+        else f"{impl} attention with a block-diagonal mask built from the per-example position ids "
+        "(flash_attention_2 on a GPU is the faster varlen path)"
+    )
+    return f"packing: {len(prepared.data.train)} examples into {rows} padding-free rows; examples stay apart via {how}"
