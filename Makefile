@@ -9,13 +9,14 @@ STAMP := $(VENV)/.peftcli-installed
 TINY := models/tiny
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-gpu lint bench clean help
+.PHONY: setup demo test test-gpu gpu-check lint bench clean help
 
 help:
 	@echo "make setup     create $(VENV), install torch ($(TORCH)) then peftcli[dev]"
 	@echo "make demo      build a tiny model, train, eval, merge (offline, ~2 min on CPU)"
 	@echo "make test      the CPU test suite (offline, < 10 min)"
 	@echo "make test-gpu  tests marked gpu (needs CUDA)"
+	@echo "make gpu-check test-gpu + the llama-1b/llama-8b benches on a GPU machine (scripts/gpu_check.sh)"
 	@echo "make lint      ruff check + format check"
 	@echo "make bench     peftcli vs the plain TRL script on CPU (see README: Performance)"
 	@echo "make clean     remove runs, models and the virtual environment"
@@ -48,6 +49,9 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py --config cpu --ablate

@@ -4,16 +4,23 @@ peak = weights + trainable state + activations, for a dense decoder-only transfo
 
 - weights: every parameter in the compute dtype; with `quantization`, the linear layers of the
   decoder at 4 bits (+ the block scales: 1/16 byte per weight, or ~1/64 with double quant) or 8 bits,
-  the embeddings, head and norms still in the compute dtype (bitsandbytes leaves them);
+  and the embeddings, head and norms in fp32 (peft's k-bit preparation upcasts what bitsandbytes left);
 - trainable state: PEFT parameters in fp32 with their gradient and two AdamW moments (16 B each);
   a full fine-tune keeps bf16 gradients and fp32 moments beside its weights (10 B per parameter);
-- activations, per token of a micro-batch (batch_size x max_length), in the compute dtype: the
-  inputs each layer saves for backward (norm in/out, q/k/v, attention output, the MLP's gate, up,
-  activation and product); with gradient checkpointing only each layer's input plus one layer
-  being recomputed. Logits are not counted: TRL's fused LM head never materialises them.
+- activations, per token of the largest micro-batch: the inputs each layer saves for backward (norm
+  in/out, q/k/v, attention output, the MLP's gate, up, activation and product), or with gradient
+  checkpointing only each layer's input plus one layer being recomputed; and the gradients alive
+  while a layer back-propagates (its MLP's and the hidden state's). In the compute dtype, except the
+  residual stream of a k-bit base, which its fp32 norms keep in fp32. Logits are not counted: TRL's
+  fused LM head never materialises them.
 
-It ignores the CUDA context and allocator fragmentation (`peak_memory_mb` measures tensors too).
-The bench prints estimate vs measured; the aim is within 25 %.
+The token count is what the largest micro-batch holds: batch_size x max_length for packed rows (and
+the bound for padded ones); a padded batch holds batch_size x its longest example, so the bench
+passes the largest batch it saw. Checked against two H200 measurements (peak
+`torch.cuda.max_memory_allocated`, scripts/bench.py configs, checkpointing on, padded batches):
+llama-1b LoRA, largest batch 8 x 943 tokens: 4.10 GiB measured; llama-8b QLoRA, largest batch 519
+tokens: 8.62 GiB measured; tests/test_performance.py pins both within 10 %. The CUDA context and
+allocator fragmentation are not counted (the `auto` checkpointing margin covers them).
 """
 
 from __future__ import annotations
@@ -69,9 +76,15 @@ class Shape:
         """Embeddings, output head and norms: kept in the compute dtype when quantized."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
 
-    def activations_per_token_layer(self) -> int:
+    def saved_per_token_layer(self, width: int, residual: int) -> int:
+        """Bytes one decoder layer saves for backward per token: norm inputs and outputs (residual
+        stream), q and the attention output, k, v, and the MLP's gate, up, activation and product."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return 4 * self.hidden + 2 * q + 2 * kv + 4 * self.intermediate
+        return 4 * self.hidden * residual + (2 * q + 2 * kv + 4 * self.intermediate) * width
+
+    def backward_working_per_token(self, width: int) -> int:
+        """Bytes of gradients alive while one layer back-propagates: its MLP's two and the hidden state's."""
+        return (2 * self.intermediate + 2 * self.hidden) * width
 
 
 @dataclass(frozen=True)
@@ -127,7 +140,9 @@ def trainable_params(peft, shape: Shape) -> int:
     return shape.layers * (sum(per_module.values()) + extra)
 
 
-def estimate(recipe, config: dict, checkpointing: bool | None = None) -> Estimate:
+def estimate(recipe, config: dict, checkpointing: bool | None = None, tokens: int | None = None) -> Estimate:
+    """Peak memory of training `recipe` on `config`. `tokens`: of the largest micro-batch, when known
+    (a padded batch holds batch_size x its longest example); batch_size x max_length otherwise."""
     shape = Shape.from_config(config)
     dtype = "bfloat16" if recipe.model.dtype == "auto" else recipe.model.dtype
     width = BYTES[dtype]
@@ -135,22 +150,25 @@ def estimate(recipe, config: dict, checkpointing: bool | None = None) -> Estimat
     linear, other = shape.linear_params(), shape.other_params()
     if quant is None:
         weights = (linear + other) * width
+        residual = width
     else:
         per_weight = 1.0 if quant.bits == 8 else 0.5 + (1 / 64 if quant.effective_double_quant else 1 / 16)
-        weights = linear * per_weight + other * width
+        weights = linear * per_weight + other * 4
+        residual = 4
     trainable = trainable_params(recipe.peft, shape)
     full = recipe.peft.method in ("full", "freeze")
     state = trainable * (10 if full else 16)
     if checkpointing is None:
         setting = recipe.training.gradient_checkpointing
         checkpointing = setting if isinstance(setting, bool) else recipe.peft.method != "prefix_tuning"
-    tokens = recipe.training.batch_size * recipe.data.max_length
-    per_layer = shape.activations_per_token_layer()
-    stored = (shape.layers * shape.hidden + per_layer) if checkpointing else shape.layers * per_layer
+    tokens = tokens or recipe.training.batch_size * recipe.data.max_length
+    layer = shape.saved_per_token_layer(width, residual)
+    stored = (shape.layers * shape.hidden * residual + layer) if checkpointing else shape.layers * layer
+    per_token = stored + shape.backward_working_per_token(width)
     return Estimate(
         weights / GIB,
         state / GIB,
-        tokens * stored * width / GIB,
+        tokens * per_token / GIB,
         trainable,
         linear + other,
         tokens,

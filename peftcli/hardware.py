@@ -9,9 +9,11 @@ input embedding). Attention's own FLOPs are left out, as in most published MFU f
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets. Matched by
 # substring against the CUDA device name, most specific first. T4/V100 have no bf16: fp16 figures.
@@ -45,30 +47,52 @@ def peak_tflops(device_name: str) -> float | None:
 class Gpu:
     name: str
     memory_gib: float
+    free_gib: float | None = None
+    capability: tuple[int, int] | None = None  # CUDA compute capability, e.g. (9, 0)
 
 
-def detect_gpus() -> list[Gpu]:
-    """The machine's NVIDIA GPUs via nvidia-smi (no torch import, so `validate` stays instant)."""
-    if shutil.which("nvidia-smi") is None:
-        return []
+def _query(fields: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+        return subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=10,
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def detect_gpus() -> list[Gpu]:
+    """The machine's NVIDIA GPUs via nvidia-smi (no torch import, so `validate` stays instant)."""
+    if shutil.which("nvidia-smi") is None:
         return []
+    # Drivers before 510 do not know compute_cap: ask again without it.
+    out = _query("name,memory.total,memory.free,compute_cap") or _query("name,memory.total,memory.free")
     gpus = []
-    for line in out.strip().splitlines():
-        name, _, memory = line.rpartition(",")
+    for line in (out or "").strip().splitlines():
+        name, *numbers = (part.strip() for part in line.split(","))
         try:
-            gpus.append(Gpu(name.strip(), float(memory) / 1024))
-        except ValueError:
+            total, free = float(numbers[0]) / 1024, float(numbers[1]) / 1024
+            major, _, minor = numbers[2].partition(".") if len(numbers) > 2 else ("", "", "")
+            capability = (int(major), int(minor or 0)) if major.isdigit() else None
+        except (ValueError, IndexError):
             continue
+        gpus.append(Gpu(name, total, free, capability))
     return gpus
+
+
+def torch_has_varlen() -> bool:
+    """Whether the installed torch ships `varlen_attn`, found without importing torch (for `validate`)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    source = Path(next(iter(spec.submodule_search_locations))) / "nn" / "attention" / "varlen.py"
+    try:
+        return "def varlen_attn(" in source.read_text(encoding="utf-8")
+    except OSError:
+        return False
 
 
 def matmul_params(model) -> int:

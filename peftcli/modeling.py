@@ -221,6 +221,10 @@ def load_model(model: ModelSection, quant: QuantizationSection | None = None, dt
     # use_safetensors: never fall back to pickled weights (torch.load), even from the hub.
     kwargs = dict(dtype=dtype, revision=model.revision, trust_remote_code=model.trust_remote_code, use_safetensors=True)
     attn = attn or (model.attn_implementation if model.attn_implementation != "auto" else None)
+    if attn == "peftcli_varlen":  # our kernel: transformers knows it once registered
+        from peftcli.training.attention import register
+
+        register()
     if attn:
         kwargs["attn_implementation"] = attn
     sharded = sharded_launch()

@@ -51,6 +51,7 @@ def build_metrics(o: TrainOutcome) -> dict:
 
     history = loss_history(o.log_history)
     train_tokens = o.tokens.real
+    steady = o.tokens.steady()
     per_second = train_tokens / o.runtime_s if o.runtime_s > 0 else 0.0
     per_device = per_second / max(o.world_size, 1)
     data = {
@@ -78,6 +79,8 @@ def build_metrics(o: TrainOutcome) -> dict:
         "train_runtime_s": round(o.runtime_s, 3),
         "train_tokens": train_tokens,
         "train_tokens_per_s": round(per_second, 2) if o.runtime_s > 0 else None,
+        # Without the warm-up steps (allocator growth, kernel autotuning, data loader start).
+        "steady_tokens_per_s": round(steady.tokens_per_s, 2) if steady else None,
         "tokens_per_s_per_device": round(per_device, 2) if o.runtime_s > 0 else None,
         "world_size": o.world_size,
         **utilisation(per_device, o.matmul_params, o.full_finetune, o.device),

@@ -34,25 +34,32 @@ def describe_recipe(recipe: Recipe) -> list[str]:
 
 
 def fit_lines(recipe: Recipe, config: dict) -> list[str]:
-    """The peak GPU memory estimate, and a warning when it exceeds the GPU found on this machine."""
+    """What the `auto` settings become on this machine, the peak GPU memory estimate, and a warning
+    when it exceeds the GPU found here."""
     from peftcli.fit import estimate
     from peftcli.hardware import detect_gpus
-
-    try:
-        guess = estimate(recipe, config)
-    except (KeyError, TypeError, ZeroDivisionError):
-        return ["fit estimate: not available for this model's config"] if config else []
     from peftcli.methods import method_of
+    from peftcli.speed import decide, probe_without_torch
+
+    gpus = detect_gpus()
+    machine = probe_without_torch(gpus)
+    settings = decide(recipe, machine)
+    where = f"the {gpus[0].name}" if gpus else "this machine (no CUDA GPU)"
+    lines = [f"settings on {where}:", *(f"  {line}" for line in settings.lines())]
+    try:
+        # On a GPU, with checkpointing as resolved here; elsewhere, as a GPU would start (on, unless set).
+        guess = estimate(recipe, config, checkpointing=settings.gradient_checkpointing if machine.cuda else None)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return lines + (["fit estimate: not available for this model's config"] if config else [])
 
     # As PEFT and the run report count it: a share of all parameters, the adapter's included.
     everything = guess.total_params + (0 if method_of(recipe.peft).saves_full_model else guess.trainable_params)
     share = 100 * guess.trainable_params / max(everything, 1)
-    lines = [
+    lines += [
         f"parameters: {guess.total_params / 1e6:,.1f}M in the base, {guess.trainable_params / 1e6:,.3f}M "
         f"trainable ({share:.3f} %)",
         guess.describe(),
     ]
-    gpus = detect_gpus()
     if gpus and guess.total_gib > gpus[0].memory_gib:
         lines.append(
             f"warning: the estimate exceeds this machine's {gpus[0].name} ({gpus[0].memory_gib:.0f} GiB): lower "

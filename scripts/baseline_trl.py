@@ -7,7 +7,9 @@ from TRL's documentation ("Train adapters with PEFT"), with TRL's default settin
 
 Only what a comparison must pin is passed (model, data, steps, batch size, learning rate, max
 length, LoRA rank and targets, 4-bit loading for QLoRA); everything else is TRL's default. It
-writes tokens/s, training time, peak memory and the final loss to --result for scripts/bench.py.
+writes tokens/s, training time, peak memory and the final loss to --result for scripts/bench.py,
+with each step's end time and real/padded tokens (for the steady-state figure), measured outside
+the script's own code path: a callback and a counting wrapper around TRL's collator.
 """
 
 from __future__ import annotations
@@ -21,8 +23,30 @@ import time
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, TrainerCallback
 from trl import SFTConfig, SFTTrainer
+
+
+class StepLog(TrainerCallback):
+    """End time and (real, padded) tokens of every optimizer step; batch i belongs to step i (one
+    micro-batch per step: the script leaves gradient accumulation at 1)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+        self.batches: list[tuple[int, int]] = []
+
+    def wrap(self, collate):
+        def counted(examples):
+            batch = collate(examples)
+            mask = batch.get("attention_mask")
+            real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            self.batches.append((real, batch["input_ids"].numel() - real))
+            return batch
+
+        return counted
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
 
 
 def main() -> None:
@@ -62,6 +86,9 @@ def main() -> None:
         peft_config=LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules="all-linear", task_type="CAUSAL_LM"),
         quantization_config=quantization,
     )
+    steps = StepLog()
+    trainer.add_callback(steps)
+    trainer.data_collator = steps.wrap(trainer.data_collator)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -83,6 +110,8 @@ def main() -> None:
         "peak_memory_mb": peak_mb,
         "peak_memory_kind": kind,
         "train_loss": losses[-1] if losses else None,
+        "step_ends": steps.ends,
+        "step_tokens": steps.batches[: len(steps.ends)],
         "settings": {
             "bf16": trainer.args.bf16,
             "gradient_checkpointing": trainer.args.gradient_checkpointing,

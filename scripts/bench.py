@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """peftcli vs the plain TRL script, side by side, in one invocation (`make bench`).
 
-    python scripts/bench.py [--config cpu|llama-1b|llama-8b] [--steps N] [--ablate] [--keep]
+    python scripts/bench.py [--config cpu|llama-1b|llama-8b] [--steps N] [--ablate] [--keep] [--out DIR]
 
 Builds a random-init model of the chosen shape (no hub needed) and a synthetic chat dataset whose
 lengths spread like real chat data (log-normal: many short turns, a long tail up to max_length),
 then trains it for the same steps with the same batch, learning rate, max length and LoRA settings
-twice: with scripts/baseline_trl.py (TRL's documented SFTTrainer + LoraConfig, defaults) and with
-`peftcli train` (its defaults). Prints tokens/s, wall time, peak memory and final loss with the
-peftcli/baseline ratios, the fit estimate against the measured peak, and writes everything as JSON
-(device, versions, commit) under benchmarks/results/. `--ablate` adds peftcli runs with each fast
-default switched off (or on) to show what each one is worth.
+with scripts/baseline_trl.py (TRL's documented SFTTrainer + LoraConfig, defaults), with `peftcli
+train` (its defaults), and with scripts/bench_floor.py: the same model's forward and backward on the
+same batches with no trainer, so the trainer's overhead shows. `--ablate` adds peftcli runs with one
+fast default flipped each, to show what each is worth.
+
+Per row: tokens/s end to end (real tokens over the whole training call) and at steady state (from
+per-step timestamps, warm-up steps excluded: what a long run feels like), step time, real and padded
+tokens, peak memory, MFU (steady state, bf16 peak of the device; hardware.py) and the final loss; on
+peftcli's defaults row, the fit estimate for its largest micro-batch beside the measured peak. The
+JSON (device, versions, commit, config, rows) goes to benchmarks/results/ (or --out), rewritten
+after every row so that a run cut short keeps what it measured.
 
 Ratios are only meaningful within one invocation: the runs share the machine, model and data.
 """
@@ -19,9 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
@@ -31,6 +36,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_assets import build_assets, synthetic_rows  # noqa: E402
+
+__all__ = ["CONFIGS", "build_assets", "recipe_for", "synthetic_rows"]
 
 # Real shapes for the GPU configs (Llama-3.2-1B and Llama-3.1-8B); a small one that trains in
 # a minute or two on CPU.
@@ -86,83 +95,16 @@ CONFIGS = {
 LORA = {"r": 16, "alpha": 32}
 LEARNING_RATE = 2e-4
 # peftcli runs with one fast default flipped, per device kind: (label, --set overrides)
+# The GPU list is what scripts/gpu_check.sh can afford in its time budget; tf32 (bf16 training does
+# not use it) and compile (its warm-up dwarfs a 40-step run) are left to --set by hand.
 ABLATIONS = {
     "cpu": [("packing on", ["data.packing=true"]), ("checkpointing on", ["training.gradient_checkpointing=true"])],
     "gpu": [
         ("packing off", ["data.packing=false"]),
+        ("checkpointing on", ["training.gradient_checkpointing=true"]),
         ("liger off", ["training.liger=false"]),
-        ("checkpointing off", ["training.gradient_checkpointing=false"]),
-        ("tf32 off", ["training.tf32=false"]),
-        ("compile on", ["training.compile=true"]),
     ],
 }
-
-
-def synthetic_rows(n: int, max_length: int, seed: int = 0) -> list[dict]:
-    """Chat rows of pseudo-words; prompt and reply lengths are log-normal (median ~40 and ~120 words)."""
-    rng = random.Random(seed)
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "qu", "di", "fe", "go", "hu"]
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(2000)]
-    budget = int(max_length * 0.55)  # words; ~1.5 tokens each with the chat markers, so rows fit or just overflow
-
-    def text(median: float, sigma: float) -> str:
-        count = max(1, min(budget, int(rng.lognormvariate(math.log(median), sigma))))
-        return " ".join(rng.choice(words) for _ in range(count))
-
-    return [
-        {"messages": [{"role": "user", "content": text(40, 0.8)}, {"role": "assistant", "content": text(120, 0.9)}]}
-        for _ in range(n)
-    ]
-
-
-def build_assets(name: str, work: Path) -> tuple[Path, Path]:
-    """The random-init model (+ tokenizer) and the training data for a config, built once per work dir."""
-    config = CONFIGS[name]
-    model_dir, data = work / "model", work / "train.jsonl"
-    if (model_dir / "config.json").exists() and data.exists():
-        return model_dir, data
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    work.mkdir(parents=True, exist_ok=True)
-    rows = synthetic_rows(config["batch_size"] * config["steps"] * 3, config["max_length"])
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        (m["content"] for r in rows for m in r["messages"]),
-        trainers.BpeTrainer(
-            vocab_size=min(config["vocab"], 8192),
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    )
-    tokenizer.save_pretrained(model_dir)
-
-    shape = LlamaConfig(
-        vocab_size=max(config["vocab"], len(tokenizer)),
-        max_position_embeddings=8192,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **config["shape"],
-    )
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    torch.manual_seed(0)
-    with torch.device("cuda" if cuda else "cpu"):
-        model = AutoModelForCausalLM.from_config(shape, dtype=dtype)
-    model.save_pretrained(model_dir)
-    del model
-    return model_dir, data
 
 
 def recipe_for(name: str, model: Path, data: Path, out: Path) -> dict:
@@ -190,103 +132,137 @@ def recipe_for(name: str, model: Path, data: Path, out: Path) -> dict:
     return recipe
 
 
-def timed(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+def timed(command: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     return time.perf_counter() - started, proc
 
 
+def failure(label: str, proc: subprocess.CompletedProcess) -> dict:
+    lines = proc.stderr.strip().splitlines()
+    return {"run": label, "error": lines[-1] if lines else f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
+
+
+def measured(label: str, wall: float, raw: dict) -> dict:
+    """A table row from a run's result: end-to-end and steady-state throughput, tokens, memory."""
+    from peftcli.training.trainer import steady_state
+
+    step_tokens = raw.get("step_tokens") or []
+    real, padded = [r for r, _ in step_tokens], [p for _, p in step_tokens]
+    steady = steady_state(raw.get("step_ends") or [], real, padded)
+    total_real = raw.get("train_tokens") or sum(real)
+    total_padded = sum(padded)
+    return {
+        "run": label,
+        "wall_s": round(wall, 2),
+        "train_runtime_s": round(raw["train_runtime_s"], 2),
+        "steps": len(step_tokens),
+        "tokens_per_s": round(total_real / raw["train_runtime_s"], 1),
+        "steady_tokens_per_s": round(steady.tokens_per_s, 1) if steady else None,
+        "step_time_s": round(steady.step_time_s, 4) if steady else None,
+        "warmup_steps": steady.warmup_steps if steady else None,
+        "real_tokens": int(total_real),
+        "padded_tokens": int(total_padded),
+        "padding_fraction": round(total_padded / (total_real + total_padded), 4) if total_real else None,
+        "largest_batch_tokens": max((r + p for r, p in step_tokens), default=None),
+        "peak_memory_mb": raw.get("peak_memory_mb"),
+        "peak_memory_kind": raw.get("peak_memory_kind"),
+        "train_loss": raw.get("train_loss"),
+        "settings": raw.get("settings"),
+    }
+
+
 def run_baseline(name: str, model: Path, data: Path, work: Path) -> dict:
-    config = CONFIGS[name]
-    result = work / "baseline.json"
+    config, result = CONFIGS[name], work / "baseline.json"
     shutil.rmtree(work / "baseline", ignore_errors=True)
-    command = [
-        PYTHON,
-        str(ROOT / "scripts" / "baseline_trl.py"),
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--out",
-        str(work / "baseline"),
-        "--result",
-        str(result),
-        "--steps",
-        str(config["steps"]),
-        "--batch-size",
-        str(config["batch_size"]),
-        "--lr",
-        str(LEARNING_RATE),
-        "--max-length",
-        str(config["max_length"]),
-        "--r",
-        str(LORA["r"]),
-        "--alpha",
-        str(LORA["alpha"]),
-    ]
+    command = [PYTHON, str(ROOT / "scripts" / "baseline_trl.py"), "--model", str(model), "--data", str(data)]
+    command += ["--out", str(work / "baseline"), "--result", str(result), "--steps", str(config["steps"])]
+    command += ["--batch-size", str(config["batch_size"]), "--lr", str(LEARNING_RATE)]
+    command += ["--max-length", str(config["max_length"]), "--r", str(LORA["r"]), "--alpha", str(LORA["alpha"])]
+    label = "baseline (TRL docs script)"
     wall, proc = timed(command + (["--qlora"] if config["quantize"] else []))
     if proc.returncode != 0:
-        raise SystemExit(f"baseline failed:\n{proc.stderr[-3000:]}")
-    return {"run": "baseline (TRL docs script)", "wall_s": wall, **json.loads(result.read_text())}
+        return failure(label, proc)
+    return measured(label, wall, json.loads(result.read_text()))
 
 
 def run_peftcli(name: str, model: Path, data: Path, work: Path, label: str, overrides: list[str]) -> dict:
     import yaml
 
-    slug = label.replace(" ", "-")
-    out = work / f"peftcli-{slug}"
-    recipe = work / f"{slug}.yaml"
+    slug = label.replace(" ", "-").replace(",", "")
+    out, recipe, steps = work / f"peftcli-{slug}", work / f"{slug}.yaml", work / f"{slug}-steps.json"
     recipe.write_text(yaml.safe_dump(recipe_for(name, model, data, out)), encoding="utf-8")
     sets = [item for o in overrides for item in ("--set", o)]
-    wall, proc = timed([PYTHON, "-m", "peftcli", "train", str(recipe), "--overwrite", *sets])
+    command = [PYTHON, "-m", "peftcli", "train", str(recipe), "--overwrite", *sets]
+    wall, proc = timed(command, env={"PEFTCLI_STEP_LOG": str(steps)})
     if proc.returncode != 0:
-        return {"run": label, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        return failure(label, proc)
     metrics = json.loads((out / "metrics.json").read_text())
-    return {
-        "run": label,
-        "wall_s": wall,
-        **{
-            k: metrics.get(k)
-            for k in (
-                "train_runtime_s",
-                "train_tokens",
-                "train_tokens_per_s",
-                "peak_memory_mb",
-                "peak_memory_kind",
-                "train_loss",
-                "mfu",
-                "tflops",
-                "settings",
-            )
-        },
-        "recipe": str(recipe),
-        "overrides": overrides,
-    }
+    log = json.loads(steps.read_text())
+    row = measured(label, wall, {**metrics, **log})
+    row.update(recipe=str(recipe), overrides=overrides, flops_per_token=metrics.get("flops_per_token"))
+    row["largest_batch_tokens"] = log.get("largest_batch_tokens") or row["largest_batch_tokens"]
+    return row
 
 
-def fit_estimate(name: str, recipe_file: Path, settings: dict) -> float:
+def run_floor(name: str, model: Path, data: Path, work: Path, defaults: dict) -> dict:
+    """The no-trainer floor with what peftcli's defaults row used: kernel, layout, checkpointing."""
+    config, settings, result = CONFIGS[name], defaults.get("settings") or {}, work / "floor.json"
+    command = [PYTHON, str(ROOT / "scripts" / "bench_floor.py"), "--model", str(model), "--data", str(data)]
+    command += ["--result", str(result), "--steps", str(config["steps"]), "--batch-size", str(config["batch_size"])]
+    command += ["--max-length", str(config["max_length"]), "--r", str(LORA["r"]), "--alpha", str(LORA["alpha"])]
+    command += ["--layout", settings.get("packing_layout", "padded")]
+    command += ["--attn", settings["attn_implementation"]] if settings.get("attn_implementation") else []
+    command += ["--checkpointing"] if settings.get("gradient_checkpointing") else []
+    command += ["--qlora"] if config["quantize"] else []
+    label = "floor: same model, data and layout, no trainer"
+    wall, proc = timed(command)
+    if proc.returncode != 0:
+        return failure(label, proc)
+    return measured(label, wall, json.loads(result.read_text()))
+
+
+def fit_estimate(recipe_file: Path, settings: dict, tokens: int | None) -> float:
     from peftcli.fit import estimate
     from peftcli.modeling import read_config
     from peftcli.recipe import load_recipe
 
     recipe = load_recipe(recipe_file)
-    return estimate(recipe, read_config(recipe.model), checkpointing=settings.get("gradient_checkpointing")).total_gib
+    checkpointing = settings.get("gradient_checkpointing")
+    return estimate(recipe, read_config(recipe.model), checkpointing=checkpointing, tokens=tokens).total_gib
 
 
-def table(rows: list[dict], baseline: dict) -> str:
-    head = (
-        "| run | tokens/s | wall (s) | train (s) | peak memory (MiB) | final loss | tokens/s ratio | "
-        "wall ratio | memory ratio |"
-    )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def add_mfu(rows: list[dict], device: str) -> None:
+    """MFU at steady state for every row, with FLOPs per token from peftcli's run (same model and LoRA)."""
+    from peftcli.hardware import peak_tflops
+
+    flops = next((r["flops_per_token"] for r in rows if r.get("flops_per_token")), None)
+    peak = peak_tflops(device) if not device.startswith("cpu") else None
     for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['run']} | failed: {row['error']} |" + " |" * 7)
+        steady = row.get("steady_tokens_per_s")
+        row["mfu"] = round(steady * flops / (peak * 1e12), 4) if flops and peak and steady else None
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["run"].startswith("baseline") and "error" not in r), None)
+    head = "| run | tokens/s | steady tokens/s | step (s) | padding | peak MiB | MFU | final loss | vs baseline |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def fmt(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['run']} | failed: {r['error'][:150]} |" + " |" * 7)
             continue
-        ratios = " | ".join(f"{row[k] / baseline[k]:.2f}x" for k in ("train_tokens_per_s", "wall_s", "peak_memory_mb"))
+        ratio = None
+        if base and base.get("steady_tokens_per_s") and r.get("steady_tokens_per_s"):
+            ratio = r["steady_tokens_per_s"] / base["steady_tokens_per_s"]
         lines.append(
-            f"| {row['run']} | {row['train_tokens_per_s']:,.0f} | {row['wall_s']:.1f} | "
-            f"{row['train_runtime_s']:.1f} | {row['peak_memory_mb']:,.0f} | {row['train_loss']:.4f} | {ratios} |"
+            f"| {r['run']} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['steady_tokens_per_s'], ',.0f')} | "
+            f"{fmt(r['step_time_s'], '.3f')} | {fmt(r['padding_fraction'], '.1%')} | "
+            f"{fmt(r['peak_memory_mb'], ',.0f')} | {fmt(r.get('mfu'), '.1%')} | {fmt(r['train_loss'], '.4f')} | "
+            f"{fmt(ratio, '.2f')}{'x' if ratio else ''} |"
         )
     return "\n".join(lines)
 
@@ -322,12 +298,27 @@ def update_readme(config: str, markdown: str) -> None:
     print(f"README table for {config} updated")
 
 
+def fit_line(row: dict) -> str:
+    measured_gib = row["peak_memory_mb"] / 1024
+    if row["peak_memory_kind"] == "cuda_allocated":
+        return (
+            f"fit estimate {row['fit_estimate_gib']:.2f} GiB for the largest micro-batch "
+            f"({row['largest_batch_tokens']:,} tokens) vs measured {measured_gib:.2f} GiB "
+            f"({100 * (row['fit_estimate_gib'] / measured_gib - 1):+.0f} %)"
+        )
+    return (
+        f"fit estimate {row['fit_estimate_gib']:.2f} GiB (a GPU figure; on CPU the measured peak is the "
+        f"process's resident memory, {measured_gib:.2f} GiB, which is not comparable)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=list(CONFIGS), default="cpu")
     parser.add_argument("--steps", type=int, help="override the config's steps")
     parser.add_argument("--ablate", action="store_true", help="also run peftcli with each fast default flipped")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the JSON goes")
     parser.add_argument("--keep", action="store_true", help="keep the model, data and runs in --work")
     parser.add_argument(
         "--update-readme",
@@ -339,52 +330,47 @@ def main() -> None:
 
     if args.config != "cpu" and not torch.cuda.is_available():
         raise SystemExit(f"--config {args.config} needs a CUDA GPU; use --config cpu here")
+    config = CONFIGS[args.config]
     if args.steps:
-        CONFIGS[args.config]["steps"] = args.steps
+        config["steps"] = args.steps
     work = args.work / args.config
-    model, data = build_assets(args.config, work)
+    model, data = build_assets(config, work)
     print(
-        f"bench {args.config}: {CONFIGS[args.config]['steps']} steps, batch {CONFIGS[args.config]['batch_size']},"
-        f" max_length {CONFIGS[args.config]['max_length']}; model and data in {work}",
+        f"bench {args.config}: {config['steps']} steps, batch {config['batch_size']}, max_length "
+        f"{config['max_length']}; model and data in {work}",
         file=sys.stderr,
     )
+    result = {"config": args.config, **config, **environment(), "rows": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = result["device"].split(" (")[0].replace(" ", "-")
+    path = args.out / f"{args.config}-{slug}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    rows = result["rows"]
 
-    baseline = run_baseline(args.config, model, data, work)
-    rows = [baseline, run_peftcli(args.config, model, data, work, "peftcli (defaults)", [])]
+    def record(row: dict) -> None:
+        rows.append(row)
+        done = row["error"] if "error" in row else f"{row['tokens_per_s']:,.0f} tokens/s"
+        print(f"{row['run']}: {done}", file=sys.stderr)
+        add_mfu(rows, result["device"])
+        path.write_text(json.dumps({**result, "table": table(rows)}, indent=2) + "\n", encoding="utf-8")
+
+    # peftcli first: on a GPU machine with a time limit (scripts/gpu_check.sh) its row matters most.
+    defaults = run_peftcli(args.config, model, data, work, "peftcli (defaults)", [])
+    if "error" not in defaults:
+        tokens = defaults["largest_batch_tokens"]
+        defaults["fit_estimate_gib"] = round(fit_estimate(Path(defaults["recipe"]), defaults["settings"], tokens), 3)
+    record(defaults)
+    record(run_baseline(args.config, model, data, work))
+    if "error" not in defaults:
+        record(run_floor(args.config, model, data, work, defaults))
     if args.ablate:
         kind = "gpu" if torch.cuda.is_available() else "cpu"
-        rows += [
-            run_peftcli(args.config, model, data, work, f"peftcli, {label}", sets) for label, sets in ABLATIONS[kind]
-        ]
-    peft_row = rows[1]
-    if "error" not in peft_row:
-        peft_row["fit_estimate_gib"] = round(
-            fit_estimate(args.config, Path(peft_row["recipe"]), peft_row["settings"] or {}), 3
-        )
-    result = {"config": args.config, **CONFIGS[args.config], **environment(), "rows": rows}
-    markdown = table(rows, baseline)
+        for label, sets in ABLATIONS[kind]:
+            record(run_peftcli(args.config, model, data, work, f"peftcli, {label}", sets))
+    markdown = table(rows)
     print(markdown)
-    if "error" not in peft_row:
-        measured = peft_row["peak_memory_mb"] / 1024
-        kind = peft_row["peak_memory_kind"]
-        if kind == "cuda_allocated":
-            print(
-                f"fit estimate {peft_row['fit_estimate_gib']:.2f} GiB vs measured {measured:.2f} GiB "
-                f"({100 * (peft_row['fit_estimate_gib'] / measured - 1):+.0f} %)"
-            )
-        else:
-            print(
-                f"fit estimate {peft_row['fit_estimate_gib']:.2f} GiB (a GPU figure; on CPU the measured peak is "
-                f"the process's resident memory, {measured:.2f} GiB, which is not comparable)"
-            )
-        if peft_row.get("mfu") is not None:
-            print(f"peftcli MFU {100 * peft_row['mfu']:.1f} % ({peft_row['tflops']:.1f} TFLOP/s)")
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    slug = result["device"].split(" (")[0].replace(" ", "-")
-    path = out / f"{args.config}-{slug}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({**result, "table": markdown}, indent=2) + "\n", encoding="utf-8")
-    print(f"written to {path.relative_to(ROOT)}")
+    if "error" not in defaults:
+        print(fit_line(defaults))
+    print(f"written to {path}")
     if args.update_readme:
         update_readme(args.config, markdown)
     if not args.keep:

@@ -23,12 +23,14 @@ def report_data(prepared, trainer, recipe: Recipe) -> None:
 
 
 def describe_packing(trainer, prepared) -> str:
-    impl = getattr(prepared.model.config, "_attn_implementation", None) or "default"
+    settings = prepared.settings
     rows = len(trainer.train_dataset)
-    how = (
-        "varlen flash-attention kernels"
-        if impl.startswith("flash")
-        else f"{impl} attention with a block-diagonal mask built from the per-example position ids "
-        "(flash_attention_2 on a GPU is the faster varlen path)"
+    layout = (
+        "each batch is one padding-free row cut at example boundaries"
+        if settings.packing_layout == "varlen"
+        else "each batch keeps its rows (no varlen kernel here)"
     )
-    return f"packing: {len(prepared.data.train)} examples into {rows} padding-free rows; examples stay apart via {how}"
+    return (
+        f"packing: {len(prepared.data.train)} examples into {rows} rows of up to data.max_length; {layout}; "
+        f"examples stay apart via {settings.attention}"
+    )
