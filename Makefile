@@ -9,15 +9,16 @@ STAMP := $(VENV)/.peftcli-installed
 TINY := models/tiny
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-gpu gpu-check lint bench clean help
+.PHONY: setup demo test test-fast test-gpu gpu-check lint bench clean help
 
 help:
 	@echo "make setup     create $(VENV), install torch ($(TORCH)) then peftcli[dev]"
 	@echo "make demo      build a tiny model, train, eval, merge (offline, ~2 min on CPU)"
-	@echo "make test      the CPU test suite (offline, < 10 min)"
+	@echo "make test      the full CPU test suite (offline, < 10 min)"
 	@echo "make test-gpu  tests marked gpu (needs CUDA)"
 	@echo "make gpu-check test-gpu + the llama-1b/llama-8b benches on a GPU machine (scripts/gpu_check.sh)"
-	@echo "make lint      ruff check + format check"
+	@echo "make lint      ruff (check + format), import-linter (layering), mypy"
+	@echo "make test-fast the fast lane: pytest -m 'not slow and not gpu' (< 60 s)"
 	@echo "make bench     peftcli vs the plain TRL script on CPU (see README: Performance)"
 	@echo "make clean     remove runs, models and the virtual environment"
 
@@ -47,6 +48,10 @@ demo: $(STAMP) $(TINY)/config.json
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
+# The fast lane: everything but the training-heavy (slow) and GPU tests, in under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
@@ -59,6 +64,8 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check peftcli tests scripts
 	$(BIN)/ruff format --check peftcli tests scripts
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 clean:
 	rm -rf runs merged models $(VENV) .pytest_cache

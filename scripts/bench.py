@@ -13,7 +13,7 @@ fast default flipped each, to show what each is worth.
 
 Per row: tokens/s end to end (real tokens over the whole training call) and at steady state (from
 per-step timestamps, warm-up steps excluded: what a long run feels like), step time, real and padded
-tokens, peak memory, MFU (steady state, bf16 peak of the device; hardware.py) and the final loss; on
+tokens, peak memory, MFU (steady state, bf16 peak of the device; peftcli/model/device.py) and the final loss; on
 peftcli's defaults row, the fit estimate for its largest micro-batch beside the measured peak. The
 JSON (device, versions, commit, config, rows) goes to benchmarks/results/ (or --out), rewritten
 after every row so that a run cut short keeps what it measured.
@@ -223,8 +223,8 @@ def run_floor(name: str, model: Path, data: Path, work: Path, defaults: dict) ->
 
 
 def fit_estimate(recipe_file: Path, settings: dict, tokens: int | None) -> float:
-    from peftcli.fit import estimate
-    from peftcli.modeling import read_config
+    from peftcli.model.checks import read_config
+    from peftcli.model.size import estimate
     from peftcli.recipe import load_recipe
 
     recipe = load_recipe(recipe_file)
@@ -234,7 +234,7 @@ def fit_estimate(recipe_file: Path, settings: dict, tokens: int | None) -> float
 
 def add_mfu(rows: list[dict], device: str) -> None:
     """MFU at steady state for every row, with FLOPs per token from peftcli's run (same model and LoRA)."""
-    from peftcli.hardware import peak_tflops
+    from peftcli.model.device import peak_tflops
 
     flops = next((r["flops_per_token"] for r in rows if r.get("flops_per_token")), None)
     peak = peak_tflops(device) if not device.startswith("cpu") else None
@@ -270,7 +270,7 @@ def table(rows: list[dict]) -> str:
 def environment() -> dict:
     import torch
 
-    from peftcli.report import versions
+    from peftcli.rundir.report import versions
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     if torch.cuda.is_available():
@@ -285,17 +285,17 @@ def environment() -> dict:
     }
 
 
-def update_readme(config: str, markdown: str) -> None:
-    readme = ROOT / "README.md"
+def update_docs(config: str, markdown: str) -> None:
+    readme = ROOT / "docs" / "performance.md"
     text = readme.read_text(encoding="utf-8")
     start, end = f"<!-- bench:{config} -->", f"<!-- /bench:{config} -->"
     if start not in text or end not in text:
-        print(f"README has no {start} ... {end} markers; not updated", file=sys.stderr)
+        print(f"docs/performance.md has no {start} ... {end} markers; not updated", file=sys.stderr)
         return
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
     readme.write_text(f"{before}{start}\n{markdown}\n{end}{after}", encoding="utf-8")
-    print(f"README table for {config} updated")
+    print(f"docs/performance.md table for {config} updated")
 
 
 def fit_line(row: dict) -> str:
@@ -321,9 +321,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the JSON goes")
     parser.add_argument("--keep", action="store_true", help="keep the model, data and runs in --work")
     parser.add_argument(
-        "--update-readme",
+        "--update-docs",
         action="store_true",
-        help="replace the README's table for this config (between <!-- bench:CONFIG --> markers)",
+        help="replace docs/performance.md's table for this config (between <!-- bench:CONFIG --> markers)",
     )
     args = parser.parse_args()
     import torch
@@ -371,8 +371,8 @@ def main() -> None:
     if "error" not in defaults:
         print(fit_line(defaults))
     print(f"written to {path}")
-    if args.update_readme:
-        update_readme(args.config, markdown)
+    if args.update_docs:
+        update_docs(args.config, markdown)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

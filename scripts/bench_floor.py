@@ -95,7 +95,7 @@ def load(args, dtype):
 
     kwargs = {"dtype": dtype, "attn_implementation": args.attn} if args.attn else {"dtype": dtype}
     if args.attn == "peftcli_varlen":
-        from peftcli.training.attention import register
+        from peftcli.model.attention import register
 
         register()
     if args.qlora:

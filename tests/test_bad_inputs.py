@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_TRAIN, base_recipe, write_recipe
+from helpers import DEMO_TRAIN, base_recipe, write_recipe
 from safetensors.torch import save_file
 
 Setup = Callable[[Path, Path, "pytest.MonkeyPatch"], list]
@@ -421,6 +421,7 @@ def test_the_matrix_is_large_enough():
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_bad_input(case, tmp_path, tiny_model, qwen_for_bad_inputs, cli, monkeypatch):
     setup, needles = CASES[case]
     argv = setup(tmp_path, tiny_model, monkeypatch)

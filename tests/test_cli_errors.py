@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, base_recipe, write_recipe
+from helpers import ROOT, base_recipe, write_recipe
 
 
 def _assert_user_error(result, *needles):
@@ -125,6 +125,7 @@ def test_eval_and_merge_of_a_directory_that_is_not_a_run(cli, tmp_path):
     _assert_user_error(cli("merge", tmp_path, "--out", tmp_path / "m"), "not a peftcli run")
 
 
+@pytest.mark.slow
 def test_a_crash_while_saving_the_adapter_leaves_none(cli, tmp_path, tiny_model, monkeypatch):
     from peft import PeftModel
 
@@ -142,6 +143,7 @@ def test_a_crash_while_saving_the_adapter_leaves_none(cli, tmp_path, tiny_model,
     assert not list((tmp_path / "run").glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_debug_variable_shows_the_traceback(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("[1, 2]\n", encoding="utf-8")
@@ -156,6 +158,7 @@ def test_debug_variable_shows_the_traceback(tmp_path):
     assert "Traceback" in loud.stderr
 
 
+@pytest.mark.slow
 def test_cli_import_does_not_import_torch_and_help_is_fast():
     code = "import sys, peftcli.cli; sys.exit(3 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
@@ -167,6 +170,7 @@ def test_cli_import_does_not_import_torch_and_help_is_fast():
 
 
 @pytest.mark.parametrize("command", ["validate"])
+@pytest.mark.slow
 def test_validate_does_not_import_torch(command, tmp_path, tiny_model):
     recipe = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run"))
     code = (

@@ -6,14 +6,14 @@ import shutil
 
 import pytest
 import torch
-from conftest import DEMO_EVAL, base_recipe, read_json, write_recipe
+from helpers import DEMO_EVAL, base_recipe, read_json, write_recipe
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_model):
     """Two LoRA runs on the same base, trained on different halves of the task (different seeds)."""
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     tmp = tmp_path_factory.mktemp("combine")
     runs = []
@@ -52,6 +52,7 @@ def _peft_combined(tiny_model, runs, weights, combination, **kwargs):
 
 
 @pytest.mark.parametrize("combination, extra", [("linear", []), ("ties", ["--density", "0.5"])])
+@pytest.mark.slow
 def test_combined_full_model_matches_peft(two_runs, tiny_model, cli, tmp_path, combination, extra):
     from transformers import AutoModelForCausalLM
 
@@ -66,6 +67,7 @@ def test_combined_full_model_matches_peft(two_runs, tiny_model, cli, tmp_path, c
     assert "0.7" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_cat_equals_both_adapters_at_once(two_runs, tiny_model, cli, tmp_path):
     """`cat` with weights 1,1 is exact: the same as running both adapters together."""
     from peft import PeftModel
@@ -85,6 +87,7 @@ def test_cat_equals_both_adapters_at_once(two_runs, tiny_model, cli, tmp_path):
     assert (_logits(combined, probe) - _logits(both, probe)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_refusals(two_runs, tiny_model, cli, tmp_path):
     out = tmp_path / "out"
     missing_density = cli("merge", *two_runs, "--combination", "ties", "--out", out)
@@ -106,9 +109,10 @@ def test_refusals(two_runs, tiny_model, cli, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_dora_and_rank_mismatch_are_refused(two_runs, tiny_model, cli, tmp_path):
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     recipe = base_recipe(tiny_model, tmp_path / "dora", training={"max_steps": 2})
     recipe["peft"] = {"method": "dora", "r": 4}
@@ -123,6 +127,7 @@ def test_dora_and_rank_mismatch_are_refused(two_runs, tiny_model, cli, tmp_path)
     assert result.code == 2 and "equal rank" in result.err and "cat" in result.err
 
 
+@pytest.mark.slow
 def test_compare_two_methods_end_to_end(cli, tmp_path, tiny_model):
     recipe = base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 6}, data={"eval": str(DEMO_EVAL)})
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
@@ -151,6 +156,7 @@ def test_compare_refuses_a_method_that_cannot_use_the_recipe(cli, tmp_path, tiny
     assert not (tmp_path / "cmp").exists()
 
 
+@pytest.mark.slow
 def test_merge_and_compare_never_replace_what_they_did_not_write(two_runs, cli, tmp_path, tiny_model):
     inside = cli("merge", two_runs[0], "--out", two_runs[0] / "merged", "--force")
     assert inside.code == 2 and "overlaps the run" in inside.err
@@ -185,10 +191,11 @@ def test_compare_refuses_a_method_the_architecture_lacks_before_training(cli, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
 
+@pytest.mark.slow
 def test_compare_exits_nonzero_when_a_method_fails_while_training(cli, tmp_path, tiny_model, monkeypatch):
     """A runtime failure keeps its row and the reports; the exit code is the failure's class."""
-    from peftcli import compare
     from peftcli.errors import UserError
+    from peftcli.training import compare
 
     real = compare._run_one
     failure = {"ia3": UserError("out of memory")}

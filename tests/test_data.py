@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import trained_pieces
+from helpers import trained_pieces
 
 from peftcli.data import IGNORE, prepare_data
 from peftcli.errors import UserError

@@ -5,22 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import DEMO_EVAL, base_recipe, read_json, write_recipe
+from helpers import DEMO_EVAL, base_recipe, read_json, write_recipe
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model):
     """One LoRA run shared by the checks below (training is the expensive part)."""
-    import peftcli.training
+    import peftcli.training.run
     from peftcli.cli import main
 
     tmp = tmp_path_factory.mktemp("e2e")
     recipe = write_recipe(tmp / "recipe.yaml", base_recipe(tiny_model, tmp / "run", training={"max_steps": 30}))
     outcomes = []  # keep the model as trained, in memory, to compare reloads with
-    real_run_training = peftcli.training.run_training
+    real_run_training = peftcli.training.run.run_training
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
         patch.setattr(
-            peftcli.training,
+            peftcli.training.run,
             "run_training",
             lambda *a, **k: outcomes.append(real_run_training(*a, **k)) or outcomes[-1],
         )
@@ -34,6 +34,7 @@ def trained_run(tmp_path_factory, tiny_model):
 TRAINED_MODEL = {}  # the in-memory model of trained_run
 
 
+@pytest.mark.slow
 def test_run_directory_follows_the_contract(trained_run):
     names = {p.name for p in trained_run.iterdir()}
     assert {"adapter", "recipe.yaml", "metrics.json", "report.md", "loss.png"} <= names
@@ -59,12 +60,14 @@ def test_run_directory_follows_the_contract(trained_run):
     assert "loss.png" in (trained_run / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_loss_goes_down(trained_run):
     history = [h["loss"] for h in read_json(trained_run / "metrics.json")["loss_history"]]
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
     assert last < first - 0.5, (first, last)
 
 
+@pytest.mark.slow
 def test_overrides_land_in_the_saved_recipe(trained_run):
     saved = yaml.safe_load((trained_run / "recipe.yaml").read_text())
     assert saved["peft"]["r"] == 4 and saved["training"]["learning_rate"] == 8e-3
@@ -76,6 +79,7 @@ def _probe(tokenizer):
     return batch
 
 
+@pytest.mark.slow
 def test_adapter_reloads_in_plain_peft_with_identical_logits(trained_run, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,6 +96,7 @@ def test_adapter_reloads_in_plain_peft_with_identical_logits(trained_run, tiny_m
     assert (got - untouched).abs().max() > 1e-3  # and it really changes the base
 
 
+@pytest.mark.slow
 def test_eval_shows_tuned_beats_base(trained_run, cli):
     result = cli("eval", trained_run)
     assert result.code == 0, result.err
@@ -102,6 +107,7 @@ def test_eval_shows_tuned_beats_base(trained_run, cli):
     assert "base" in result.out and "tuned" in result.out
 
 
+@pytest.mark.slow
 def test_eval_with_other_data(trained_run, cli, tmp_path):
     data = tmp_path / "other.jsonl"
     data.write_text('{"prompt": "January is followed by", "completion": " February"}\n', encoding="utf-8")
@@ -111,6 +117,7 @@ def test_eval_with_other_data(trained_run, cli, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["data", "train source"])
+@pytest.mark.slow
 def test_eval_data_in_the_runs_own_column_schema(trained_run, cli, tmp_path, where):
     """--data detects a file's format; a file in the run's custom columns (undetectable) still works."""
     import shutil
@@ -131,6 +138,7 @@ def test_eval_data_in_the_runs_own_column_schema(trained_run, cli, tmp_path, whe
     assert neither.code == 2 and "['a', 'q']" in neither.err
 
 
+@pytest.mark.slow
 def test_merge_matches_adapter_and_loads_in_plain_transformers(trained_run, tiny_model, cli, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -159,6 +167,7 @@ def test_merge_matches_adapter_and_loads_in_plain_transformers(trained_run, tiny
     assert foreign.code == 2 and "holds something else" in foreign.err and (out / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_merge_that_does_not_reproduce_the_adapter_fails_and_writes_nothing(trained_run, cli, tmp_path, monkeypatch):
     """A merge whose saved weights drift from the adapter model (a PEFT bug, a lossy dtype) must
     exit 1 and leave the previous merge, not hand the user a model that looks fine."""
@@ -185,6 +194,7 @@ def test_merge_that_does_not_reproduce_the_adapter_fails_and_writes_nothing(trai
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.slow
 def test_validate_predicts_the_trainable_share_the_run_reports(trained_run, cli):
     metrics = read_json(trained_run / "metrics.json")
     result = cli("validate", trained_run / "recipe.yaml")

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import DEMO_EVAL, ROOT, base_recipe, read_json, write_recipe
+from helpers import DEMO_EVAL, ROOT, base_recipe, read_json, write_recipe
 from safetensors.torch import load_file
 
-from peftcli import scoring
+from peftcli.evaluation import scoring
 from peftcli.methods import REGISTRY
 
 REFERENCE = ROOT / "recipes" / "data" / "reference.txt"
@@ -34,7 +34,7 @@ def test_scores_on_fixed_strings():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model):
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     tmp = tmp_path_factory.mktemp("evalrun")
     recipe = base_recipe(
@@ -47,6 +47,7 @@ def run(tmp_path_factory, tiny_model):
     return run_training(load_recipe(write_recipe(tmp / "r.yaml", recipe))).run_dir
 
 
+@pytest.mark.slow
 def test_generation_eval_writes_predictions_and_tables(run, cli):
     result = cli("eval", run, "--generate", "--max-new-tokens", "4", "--limit", "16")
     assert result.code == 0, result.err
@@ -86,6 +87,7 @@ def _reference_perplexity(model, tokenizer, max_length: int) -> float:
     return math.exp(total / count)
 
 
+@pytest.mark.slow
 def test_forgetting_is_base_vs_tuned_perplexity_on_the_reference(run, cli, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,14 +121,15 @@ def plain_reply(model, tokenizer_dir, messages, max_new_tokens=6) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
+@pytest.mark.slow
 def test_generate_switches_adapters_without_reloading_the_base(tmp_path, tiny_model, run, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peftcli import modeling
-    from peftcli.chat import Session
+    from peftcli.evaluation import adapters
+    from peftcli.evaluation.adapters import Session
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     other = run_training(
         load_recipe(
@@ -137,8 +140,8 @@ def test_generate_switches_adapters_without_reloading_the_base(tmp_path, tiny_mo
         )
     ).run_dir
     loads = []
-    real_load = modeling.load_model
-    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = adapters.load_model
+    monkeypatch.setattr(adapters, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     session = Session(None, [("a", run), ("b", other)])
     messages = [{"role": "user", "content": "What comes after Monday?"}]
     order = ("b", "a", None, "b")
@@ -153,6 +156,7 @@ def test_generate_switches_adapters_without_reloading_the_base(tmp_path, tiny_mo
     assert len(set(expected.values())) == 3  # the three models really answer differently
 
 
+@pytest.mark.slow
 def test_generate_command(cli, run, tiny_model):
     result = cli(
         "generate", "--adapter", f"demo={run}", "--prompt", "What comes after Monday?", "--max-new-tokens", "4"
@@ -172,7 +176,7 @@ def test_generate_command(cli, run, tiny_model):
 def _script_eval_losses(monkeypatch, losses: dict[int, float]) -> None:
     """Make the eval at step N report losses[N] (logged, and seen by every callback), so the
     early-stopping decisions do not hang on how a tiny model happens to learn."""
-    from peftcli.training import stage
+    from peftcli.training import run as stage
 
     real_build = stage.build_trainer
 
@@ -192,9 +196,10 @@ def _script_eval_losses(monkeypatch, losses: dict[int, float]) -> None:
     monkeypatch.setattr(stage, "build_trainer", build)
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_model, monkeypatch):
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     # The eval loss rises at step 10: patience 1 stops there, and the best adapter is step 5's.
     _script_eval_losses(monkeypatch, {5: 1.0, 10: 2.0})
@@ -227,10 +232,11 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_model, m
     assert all(torch.equal(kept[k], at_step_5[k]) for k in at_step_5)
 
 
+@pytest.mark.slow
 def test_early_stopping_threshold_sets_the_patience_not_the_best(tmp_path, tiny_model, monkeypatch):
     """Gains of at most the threshold use up the patience, but the lowest loss is still the best."""
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     _script_eval_losses(monkeypatch, {4: 4.0, 8: 3.9, 12: 3.8, 16: 3.0})
     training = {"max_steps": 40, "eval_steps": 4, "save_steps": 4, "save_total_limit": None}
@@ -245,6 +251,7 @@ def test_early_stopping_threshold_sets_the_patience_not_the_best(tmp_path, tiny_
     assert all(torch.equal(best[k], at_step_12[k]) for k in best)
 
 
+@pytest.mark.slow
 def test_early_stopping_result_survives_a_kill_after_the_last_checkpoint(tmp_path, tiny_model, cli, monkeypatch):
     """Killed after the last checkpoint, before adapter/ was written: the resume finds nothing left to
     train and must still ship the best adapter (step 5), not the last weights (step 10)."""
@@ -276,6 +283,7 @@ def test_eval_steps_need_eval_data(cli, tmp_path, tiny_model):
     assert result.code == 2 and "training.eval_steps needs eval data" in result.err
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_by_default_and_missing_loggers_are_refused(tmp_path, tiny_model, cli, monkeypatch):
     path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 2}))
     assert cli("train", path).code == 0
@@ -329,6 +337,7 @@ def test_every_command_has_help_with_an_example(cli):
     assert cli("data", "preview", "--help").out.count("Example") == 1
 
 
+@pytest.mark.slow
 def test_generate_prompts_file_routes_each_prompt(cli, run, tiny_model, tmp_path):
     """Plain lines go to every adapter; a JSON line may name one adapter, or `base`."""
     import json
@@ -366,6 +375,7 @@ def test_generate_prompts_file_routes_each_prompt(cli, run, tiny_model, tmp_path
     assert broken.code == 2 and "line 1: invalid JSON" in broken.err
 
 
+@pytest.mark.slow
 def test_generate_interactive_switches_and_resets(cli, run, tiny_model, monkeypatch):
     import io
 

@@ -4,14 +4,14 @@ with the varlen kernel."""
 from __future__ import annotations
 
 import pytest
-from conftest import base_recipe, read_json, write_recipe
+from helpers import base_recipe, read_json, write_recipe
 
 pytestmark = pytest.mark.gpu
 
 
 def _train(tmp_path, tiny_model, **sections):
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     recipe = base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 20}, **sections)
     return run_training(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe))).run_dir
@@ -64,7 +64,7 @@ def test_varlen_kernel_matches_sdpa_within_bf16_tolerance():
     gradients, with GQA, a softmax scale and causal masking, over examples of uneven lengths."""
     import torch
 
-    from peftcli.training.attention import _kernel, attend, reference
+    from peftcli.model.attention import _kernel, attend, reference
 
     if _kernel() is None:
         pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
@@ -90,7 +90,7 @@ def test_packed_training_on_cuda_uses_the_varlen_kernel(tmp_path, tiny_model):
     import torch
 
     from peftcli.recipe import load_recipe
-    from peftcli.training.stage import prepare
+    from peftcli.training.setup import build_setup as prepare
     from peftcli.training.trainer import build_trainer
 
     run = _train(tmp_path, tiny_model)

@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from peftcli import launch
+from peftcli.training import launch
 
 # A stand-in for `peftcli train`: records stop requests the way peftcli does, then acts on argv.
 CHILD = """
 import os, sys, time
-from peftcli import launch
+from peftcli.training import launch
 time.sleep(float(sys.argv[2]))  # "loading": a stop request sent now must wait, not kill
 launch.install_stop_recorder()
 rank, plan = int(os.environ["RANK"]), sys.argv[1]
@@ -59,6 +59,7 @@ def _spawn(tmp_path, script: str, *argv: str, signal_after: float | None = None)
 
 
 @pytest.mark.parametrize(("plan", "expected"), [("stop", 143), ("finish", 0)])
+@pytest.mark.slow
 def test_a_stop_request_reaches_every_process_once(tmp_path, plan, expected):
     """143 when the processes stopped as asked; 0 when the request came as they were finishing."""
     code, took = _spawn(tmp_path, CHILD, plan, "0", signal_after=1.0)
@@ -66,6 +67,7 @@ def test_a_stop_request_reaches_every_process_once(tmp_path, plan, expected):
     assert [(tmp_path / f"requests-{rank}").read_text() for rank in (0, 1)] == ["SIGUSR1\n"] * 2
 
 
+@pytest.mark.slow
 def test_a_stop_request_during_startup_is_kept_until_the_process_can_act_on_it(tmp_path):
     # The request arrives while the processes are still "loading" (no handler yet). Were it not held
     # back, SIGUSR1's default action would kill them (exit -10), which the launcher reports as 138.
@@ -73,12 +75,14 @@ def test_a_stop_request_during_startup_is_kept_until_the_process_can_act_on_it(t
     assert code == 0
 
 
+@pytest.mark.slow
 def test_a_failing_process_stops_the_others_and_its_code_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "FAILURE_GRACE_S", 0.5)
     code, took = _spawn(tmp_path, CHILD, "fail", "0")
     assert code == 3 and took < 10  # rank 0 would otherwise wait 30 s (exit 9)
 
 
+@pytest.mark.slow
 def test_a_process_that_ignores_the_stop_is_killed_after_the_grace_period(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "FAILURE_GRACE_S", 0.2)
     monkeypatch.setattr(launch, "GRACE_S", 1.0)

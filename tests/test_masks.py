@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_TRAIN, base_recipe, trained_pieces, write_recipe
+from helpers import DEMO_TRAIN, base_recipe, trained_pieces, write_recipe
 
 from peftcli.data import IGNORE, prepare_data
 from peftcli.errors import UserError
@@ -63,10 +63,11 @@ def test_auto_template_falls_back_to_chatml_with_a_warning(tmp_path, tokenizer, 
     assert "no chat template; using chatml" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_template_used_in_training_is_saved_with_the_adapter(tmp_path, tiny_model):
     from peftcli.data.templates import builtin_template
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     recipe = base_recipe(tiny_model, tmp_path / "run", data={"chat_template": "llama3"}, training={"max_steps": 1})
     outcome = run_training(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
@@ -74,9 +75,10 @@ def test_template_used_in_training_is_saved_with_the_adapter(tmp_path, tiny_mode
     assert saved.strip() == builtin_template("llama3").strip()
 
 
+@pytest.mark.slow
 def test_packed_batch_gives_the_same_per_example_loss(tmp_path, tiny_model):
     from peftcli.recipe import load_recipe
-    from peftcli.training.stage import prepare
+    from peftcli.training.setup import build_setup as prepare
     from peftcli.training.trainer import build_trainer
 
     recipe = load_recipe(
@@ -153,6 +155,7 @@ def test_bad_row_error_and_skip(tmp_path, tokenizer, kind):
     assert [origins for r, origins in stats.skipped_reasons.items() if reason in r] == [["rows.jsonl line 3"]]
 
 
+@pytest.mark.slow
 def test_skipped_rows_are_reported_by_train(tmp_path, tiny_model, cli):
     data = Path(tmp_path / "d.jsonl")
     data.write_text("\n".join(json.dumps(CHAT_ROWS["alpaca"]) for _ in range(8)) + '\n{"instruction": "x"}\n')
@@ -169,11 +172,12 @@ def test_skipped_rows_are_reported_by_train(tmp_path, tiny_model, cli):
     assert metrics["data"]["skipped"] == 1 and metrics["data"]["rows"] == 8
 
 
+@pytest.mark.slow
 def test_preview_json_matches_what_the_trainer_receives(tmp_path, tiny_model, cli):
     """Every row of a collated training batch (after TRL's preparation, shuffling and padding) is a
     row of the preview, with the same labels."""
     from peftcli.recipe import load_recipe
-    from peftcli.training.stage import prepare
+    from peftcli.training.setup import build_setup as prepare
     from peftcli.training.trainer import build_trainer
 
     path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT, base_recipe, read_json, write_recipe
+from helpers import ROOT, base_recipe, read_json, write_recipe
 
 from peftcli.methods import REGISTRY
 
@@ -47,7 +47,7 @@ def test_every_registered_method_has_a_test_row():
 
 def _train(tmp_path, tiny_model, method, steps=8, **sections):
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     recipe = base_recipe(
         tiny_model,
@@ -77,6 +77,7 @@ def _logits(model, probe):
 
 
 @pytest.mark.parametrize("method", list(REGISTRY))
+@pytest.mark.slow
 def test_method_trains_reloads_and_merges(method, tmp_path, tiny_model, cli):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -113,6 +114,7 @@ def test_method_trains_reloads_and_merges(method, tmp_path, tiny_model, cli):
 
 
 @pytest.mark.parametrize("method", [name for name, m in REGISTRY.items() if m.quantized_base])
+@pytest.mark.slow
 def test_method_trains_on_a_4bit_base(method, tmp_path, tiny_model):
     outcome = _train(tmp_path, tiny_model, method, steps=6, quantization={"bits": 4})
     metrics = read_json(outcome.run_dir / "metrics.json")
@@ -176,10 +178,10 @@ def test_methods_command_lists_every_method_with_shares(cli, tiny_model):
     assert f"| {trainable:,} ({100 * trainable / total:.3f} %) |" in result.out.split("| lora |")[1].splitlines()[0]
 
 
-def test_readme_carries_the_methods_table(cli):
+def test_the_methods_doc_carries_the_methods_table(cli):
     result = cli("methods", "--markdown")
-    assert result.out.strip() in (ROOT / "README.md").read_text(), (
-        "README methods table is stale: paste `peftcli methods --markdown`"
+    assert result.out.strip() in (ROOT / "docs" / "methods.md").read_text(), (
+        "docs/methods.md's methods table is stale: paste `peftcli methods --markdown`"
     )
 
 
@@ -194,6 +196,7 @@ def test_readme_carries_the_methods_table(cli):
     ],
     ids=["pissa", "olora", "layers_to_transform", "modules_to_save", "rslora-gaussian"],
 )
+@pytest.mark.slow
 def test_lora_variants_reload_on_the_original_base(keys, tmp_path, tiny_model, cli):
     """PiSSA/OLoRA rewrite the base weights while training; the saved adapter must still apply to
     the *original* base (converted to a plain LoRA), and merge must reproduce the trained model."""
@@ -203,7 +206,7 @@ def test_lora_variants_reload_on_the_original_base(keys, tmp_path, tiny_model, c
     from transformers import AutoModelForCausalLM
 
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     recipe = base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 6, "save_steps": 100})
     recipe["peft"] = {"method": "lora", "r": 4, **keys}
@@ -237,10 +240,11 @@ def _packed_adalora(tmp_path, tiny_model, tinit: int) -> dict:
     return recipe
 
 
+@pytest.mark.slow
 def test_adalora_budget_follows_the_real_step_count(tmp_path, tiny_model):
     """With epochs and packing the step count is only known to the trainer; AdaLoRA must use it."""
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     recipe = _packed_adalora(tmp_path, tiny_model, tinit=1)
     outcome = run_training(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
@@ -249,6 +253,7 @@ def test_adalora_budget_follows_the_real_step_count(tmp_path, tiny_model):
     assert steps < 488 // 16  # packing made fewer, fuller rows than the unpacked estimate
 
 
+@pytest.mark.slow
 def test_adalora_budget_too_short_for_the_real_steps_leaves_no_run(tmp_path, tiny_model, cli):
     """The estimate (unpacked rows) leaves room for tinit, the packed step count does not: the error
     comes once training starts, and the half-made run folder must not block a corrected rerun."""
@@ -274,6 +279,7 @@ def test_loftq_needs_a_4bit_base_and_cuda(tmp_path, tiny_model, cli):
     assert result.code == 2 and "model.revision" in result.err
 
 
+@pytest.mark.slow
 def test_loftq_runs_merge_into_the_dequantized_base(tmp_path, tiny_model, cli):
     """A LoftQ adapter corrects the 4-bit weights it was fitted to, so merge folds it into those.
     (LoftQ's initialisation needs CUDA; the merge path is checked on a QLoRA run relabelled loftq.)"""
@@ -281,7 +287,7 @@ def test_loftq_runs_merge_into_the_dequantized_base(tmp_path, tiny_model, cli):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     recipe = base_recipe(tiny_model, tmp_path / "run", quantization={"bits": 4}, training={"max_steps": 4})
     run = run_training(load_recipe(write_recipe(tmp_path / "r.yaml", recipe))).run_dir

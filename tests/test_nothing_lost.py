@@ -17,8 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import DEMO_TRAIN, base_recipe, read_json, write_recipe
-from helpers import interrupted_run, resumable_recipe, signal_when_called
+from helpers import (
+    DEMO_TRAIN,
+    base_recipe,
+    interrupted_run,
+    read_json,
+    resumable_recipe,
+    signal_when_called,
+    write_recipe,
+)
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -97,6 +104,7 @@ def test_a_recipe_yaml_naming_its_folder_does_not_make_it_a_run(tmp_path, tiny_m
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_files_it_did_not_write(finished_run, tmp_path, cli):
     run = _copy_run(finished_run, tmp_path)
     (run / "notes.txt").write_text("keep me")
@@ -108,6 +116,7 @@ def test_overwrite_keeps_files_it_did_not_write(finished_run, tmp_path, cli):
     assert cli("train", run / "recipe.yaml", "--overwrite").code == 0  # its own files only: replaced
 
 
+@pytest.mark.slow
 def test_merge_force_keeps_files_it_did_not_write(finished_run, tmp_path, cli):
     out = tmp_path / "merged"
     assert cli("merge", finished_run, "--out", out).code == 0
@@ -127,6 +136,7 @@ def _interrupted(tmp: Path, tiny_model, monkeypatch, name: str = "run", **peft) 
     return interrupted_run(write_recipe(tmp / f"{name}.yaml", recipe), monkeypatch, 9), tmp / name
 
 
+@pytest.mark.slow
 def test_resume_from_another_runs_checkpoint_removes_nothing(tmp_path, tiny_model, cli, monkeypatch):
     path, run = _interrupted(tmp_path, tiny_model, monkeypatch)
     _, other = _interrupted(tmp_path, tiny_model, monkeypatch, name="other", r=8)
@@ -153,6 +163,7 @@ def _truncate(path: Path) -> None:
     ],
     ids=["truncated adapter", "truncated optimizer", "cut trainer_state.json"],
 )
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_model, cli, monkeypatch, damage, named):
     path, run = _interrupted(tmp_path, tiny_model, monkeypatch)
     damage(run / "checkpoint-10")
@@ -164,6 +175,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_m
     assert named_path.code == 2
 
 
+@pytest.mark.slow
 def test_a_pickled_optimizer_is_not_taken_for_the_optimizer_state(tmp_path, tiny_model, cli, monkeypatch):
     """A checkpoint without optimizer.json but with an optimizer.pt once resumed with a fresh optimizer."""
     path, run = _interrupted(tmp_path, tiny_model, monkeypatch)
@@ -182,6 +194,7 @@ def test_a_pickled_optimizer_is_not_taken_for_the_optimizer_state(tmp_path, tiny
 
 
 @pytest.mark.parametrize("command", ["eval", "merge", "generate"])
+@pytest.mark.slow
 def test_a_pickled_adapter_is_refused_unread(finished_run, tmp_path, cli, monkeypatch, command):
     run = _copy_run(finished_run, tmp_path)
     (run / "adapter" / "adapter_model.safetensors").unlink()
@@ -214,17 +227,18 @@ def test_a_model_with_pickled_weights_only_is_refused(tmp_path, tiny_model, cli)
 
 
 def test_ctrl_c_while_loading_exits_130_and_leaves_no_folder(tmp_path, tiny_model, cli, monkeypatch):
-    from peftcli.training import stage
+    from peftcli.training import run as stage
 
-    signal_when_called(monkeypatch, stage, "prepare", signal.SIGINT)
+    signal_when_called(monkeypatch, stage, "build_setup", signal.SIGINT)
     result = cli("train", write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run")))
     assert result.code == 130, result.err
     assert "interrupted: SIGINT received; nothing was saved" in result.err
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_before_the_first_step_leaves_a_folder_one_command_gets_past(tmp_path, tiny_model, cli, monkeypatch):
-    from peftcli.training import stage
+    from peftcli.training import run as stage
 
     path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 2}))
     signal_when_called(monkeypatch, stage, "build_trainer", signal.SIGTERM)
@@ -235,11 +249,12 @@ def test_sigterm_before_the_first_step_leaves_a_folder_one_command_gets_past(tmp
     assert cli("train", path).code == 0  # the same command again, nothing to clean up first
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_final_save_says_how_to_finish(tmp_path, tiny_model, cli, monkeypatch):
-    from peftcli.training import stage
+    from peftcli.training import run as stage
 
     path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run", steps=4))
-    signal_when_called(monkeypatch, stage, "_save_final", signal.SIGINT)
+    signal_when_called(monkeypatch, stage, "keep_artifact", signal.SIGINT)
     result = cli("train", path)
     assert result.code == 130, result.err
     assert "checkpoint-4 is saved" in result.err and "the final adapter was not written" in result.err
@@ -251,8 +266,9 @@ def test_ctrl_c_during_the_final_save_says_how_to_finish(tmp_path, tiny_model, c
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_eval_exits_130_and_writes_no_results(finished_run, tmp_path, cli, monkeypatch):
-    from peftcli import evaluate
+    from peftcli.evaluation import evaluate
 
     run = _copy_run(finished_run, tmp_path)
     signal_when_called(monkeypatch, evaluate, "score", signal.SIGINT)
@@ -261,8 +277,9 @@ def test_ctrl_c_in_eval_exits_130_and_writes_no_results(finished_run, tmp_path, 
     assert not (run / "eval.json").exists() and not (run / ".peftcli.lock").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_in_merge_exits_143_and_writes_nothing(finished_run, tmp_path, cli, monkeypatch):
-    from peftcli import merge
+    from peftcli.export import merge
 
     signal_when_called(monkeypatch, merge, "compare", signal.SIGTERM)
     result = cli("merge", finished_run, "--out", tmp_path / "merged")
@@ -274,8 +291,9 @@ def test_sigterm_in_merge_exits_143_and_writes_nothing(finished_run, tmp_path, c
 
 
 @pytest.mark.parametrize("argv", [("train", "--resume"), ("train", "--overwrite"), ("eval",), ("merge",)])
+@pytest.mark.slow
 def test_a_run_in_use_is_refused_naming_the_process(finished_run, tmp_path, cli, argv):
-    from peftcli.runlock import RunLock
+    from peftcli.rundir.lock import RunLock
 
     run = _copy_run(finished_run, tmp_path)
     if argv == ("train", "--resume"):
@@ -293,6 +311,7 @@ def test_a_run_in_use_is_refused_naming_the_process(finished_run, tmp_path, cli,
     assert not (run / ".peftcli.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_is_taken_over(finished_run, tmp_path, cli):
     run = _copy_run(finished_run, tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -302,6 +321,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(finished_run, tmp_path, c
     assert not (run / ".peftcli.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_second_train_cannot_write_into_a_live_run(tmp_path, tiny_model):
     recipe = resumable_recipe(tiny_model, tmp_path / "run", steps=4000)
     path = write_recipe(tmp_path / "r.yaml", recipe)
@@ -333,11 +353,12 @@ def test_a_second_train_cannot_write_into_a_live_run(tmp_path, tiny_model):
 @pytest.fixture(scope="module")
 def wider_model(tmp_path_factory) -> Path:
     """A base of another size than tiny_model (same architecture and module names)."""
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     return make_tiny_model.build_tiny_model(tmp_path_factory.mktemp("models") / "wider", hidden=96)
 
 
+@pytest.mark.slow
 def test_an_adapter_on_another_base_is_a_clear_error(finished_run, wider_model, tmp_path, cli):
     result = cli("generate", "--base", wider_model, "--adapter", f"a={finished_run}", "--prompt", "hi")
     assert result.code == 2 and "does not fit the base" in result.err and "Traceback" not in result.err, result.err
@@ -350,6 +371,7 @@ def test_an_adapter_on_another_base_is_a_clear_error(finished_run, wider_model, 
         assert result.code == 2 and "does not fit the base" in result.err, result.err
 
 
+@pytest.mark.slow
 def test_a_truncated_adapter_is_named(finished_run, tmp_path, cli):
     run = _copy_run(finished_run, tmp_path)
     _truncate(run / "adapter" / "adapter_model.safetensors")
@@ -375,13 +397,14 @@ def test_an_invalid_config_json_is_a_user_error(tmp_path, tiny_model, cli):
     ],
     ids=["OSError", "safetensors' wording"],
 )
+@pytest.mark.slow
 def test_a_full_disk_is_an_environment_error(finished_run, tmp_path, cli, monkeypatch, failure):
-    from peftcli import evaluate
+    from peftcli.rundir import eval_report
 
     def full(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(evaluate, "atomic_write_json", full)
+    monkeypatch.setattr(eval_report, "atomic_write_json", full)
     result = cli("eval", _copy_run(finished_run, tmp_path))
     assert result.code == 2 and len(result.error_lines) == 1, result.err
     assert "space left on device" in result.err.lower() and "this is a bug" not in result.err

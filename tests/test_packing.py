@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import base_recipe, read_json, write_recipe
+from helpers import base_recipe, read_json, write_recipe
 
 from peftcli.data import IGNORE
 from peftcli.recipe import load_recipe
@@ -19,7 +19,7 @@ def _packed_trainer(tmp_path, tiny_model, monkeypatch, layout: str):
     "varlen" (torch ships varlen_attn: one flat row, the kernel's exact CPU path) or "rows" (older
     torch: rows of max_length with sdpa's per-row block mask)."""
     from peftcli.training import settings
-    from peftcli.training.stage import prepare
+    from peftcli.training.setup import build_setup as prepare
     from peftcli.training.trainer import build_trainer
 
     if layout == "rows":
@@ -60,6 +60,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.slow
 def test_packed_losses_and_gradients_equal_unpacked_training(layout, tmp_path, tiny_model, monkeypatch):
     model, batch = _packed_trainer(tmp_path, tiny_model, monkeypatch, layout)
     assert "attention_mask" not in batch
@@ -126,13 +127,13 @@ def test_kernel_is_the_varlen_one_without_any_dense_mask(tmp_path, tiny_model, m
 
 
 def _machine(**kw):
-    from peftcli.speed import Machine
+    from peftcli.model.speed import Machine
 
     return Machine(**{"cuda": True, "capability": (9, 0), "free_gib": 139.0, "torch_varlen": True, **kw})
 
 
 def test_each_machine_gets_the_fastest_exact_kernel(tmp_path, tiny_model, monkeypatch):
-    from peftcli import speed
+    from peftcli.model import speed
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run")))
 
@@ -161,9 +162,10 @@ def test_each_machine_gets_the_fastest_exact_kernel(tmp_path, tiny_model, monkey
     assert not speed.decide(load_recipe(write_recipe(tmp_path / "p.yaml", prefix)), _machine()).packing
 
 
+@pytest.mark.slow
 def test_validate_shows_the_choices_and_metrics_record_them(tmp_path, tiny_model, cli, monkeypatch):
-    from peftcli import hardware
-    from peftcli.training import run_training
+    from peftcli.model import device as hardware
+    from peftcli.training.run import run_training
 
     gpu = hardware.Gpu("NVIDIA H200", 139.8, 139.0, (9, 0))
     monkeypatch.setattr(hardware, "detect_gpus", lambda: [gpu])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, base_recipe, read_json, write_recipe
+from helpers import ROOT, base_recipe, read_json, write_recipe
 
 from peftcli.recipe import load_recipe
 
@@ -38,6 +38,7 @@ QWEN_05B = {
 
 
 @pytest.mark.parametrize("command", [["--help"], ["validate", "{recipe}"], ["methods"]])
+@pytest.mark.slow
 def test_front_end_commands_never_import_torch(command, tmp_path, tiny_model):
     recipe = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run"))
     argv = [a.format(recipe=recipe) for a in command]
@@ -50,6 +51,7 @@ def test_front_end_commands_never_import_torch(command, tmp_path, tiny_model):
     assert result.returncode == 0, (result.returncode, result.stderr[-500:])
 
 
+@pytest.mark.slow
 def test_help_returns_in_under_half_a_second():
     times = []
     for _ in range(3):
@@ -67,10 +69,11 @@ def _meta_model(config: dict):
 
 
 @pytest.mark.parametrize("config", [LLAMA_8B, QWEN_05B], ids=["llama-8b", "qwen2.5-0.5b"])
+@pytest.mark.slow
 def test_fit_estimate_counts_parameters_like_the_real_model(config, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from peftcli.fit import Shape, trainable_params
+    from peftcli.model.size import Shape, trainable_params
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
@@ -94,7 +97,7 @@ def test_fit_estimate_counts_parameters_like_the_real_model(config, tmp_path):
 
 
 def test_fit_estimate_for_8b_qlora_and_validate_prints_it(tmp_path, cli):
-    from peftcli.fit import estimate
+    from peftcli.model.size import estimate
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(LLAMA_8B))
@@ -157,7 +160,7 @@ MEASURED_PEAKS = [
 
 @pytest.mark.parametrize(("name", "checkpointing", "tokens", "measured_gib"), MEASURED_PEAKS)
 def test_fit_estimate_is_within_ten_percent_of_measured_peaks(name, checkpointing, tokens, measured_gib, tmp_path):
-    from peftcli.fit import estimate
+    from peftcli.model.size import estimate
 
     recipe, shape = _bench_recipe(tmp_path, name, gradient_checkpointing=checkpointing)
     guess = estimate(recipe, shape, tokens=tokens)
@@ -171,7 +174,7 @@ def test_fit_estimate_is_within_ten_percent_of_measured_peaks(name, checkpointin
 )
 def test_auto_checkpointing_is_on_only_when_the_run_would_not_fit(name, free_gib, expected, tmp_path):
     """With `auto`, checkpointing (~35 % slower) is on only where the estimate without it does not fit."""
-    from peftcli.fit import estimate
+    from peftcli.model.size import estimate
     from peftcli.training import settings
 
     recipe, shape = _bench_recipe(tmp_path, name)
@@ -188,7 +191,7 @@ def test_auto_checkpointing_is_on_only_when_the_run_would_not_fit(name, free_gib
 
 
 def test_auto_settings_are_fast_on_a_gpu_and_plain_on_cpu(tmp_path, tiny_model, monkeypatch):
-    from peftcli import speed
+    from peftcli.model import speed
     from peftcli.training import settings
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model, tmp_path / "run")))
@@ -227,9 +230,10 @@ def test_auto_settings_are_fast_on_a_gpu_and_plain_on_cpu(tmp_path, tiny_model, 
     assert chosen.gradient_checkpointing and not chosen.liger
 
 
+@pytest.mark.slow
 def test_metrics_carry_throughput_and_utilisation(tmp_path, tiny_model):
-    from peftcli.hardware import peak_tflops
-    from peftcli.training import run_training
+    from peftcli.model.device import peak_tflops
+    from peftcli.training.run import run_training
 
     outcome = run_training(
         load_recipe(
@@ -257,7 +261,7 @@ def test_metrics_carry_throughput_and_utilisation(tmp_path, tiny_model):
 
 def test_launcher_environments_and_commands(monkeypatch):
     from peftcli.errors import UserError
-    from peftcli.launch import accelerate_command, process_environments
+    from peftcli.training.launch import accelerate_command, process_environments
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     envs = process_environments(2, gpus=0)
@@ -279,6 +283,7 @@ def test_accelerate_configs_are_valid_yaml():
         assert config["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED"), path
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_matches_a_single_process(tmp_path, tiny_model, cli):
     """Two gloo processes with batch 8 each = one process with batch 16: same losses, one adapter."""
     single = write_recipe(
@@ -321,7 +326,7 @@ def test_bench_data_spreads_like_chat(tmp_path):
 def test_mfu_counts_4bit_weights_at_their_real_number(tiny_model):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from peftcli.hardware import matmul_params
+    from peftcli.model.device import matmul_params
 
     full = AutoModelForCausalLM.from_pretrained(tiny_model)
     quantized = AutoModelForCausalLM.from_pretrained(
@@ -332,6 +337,7 @@ def test_mfu_counts_4bit_weights_at_their_real_number(tiny_model):
     assert matmul_params(quantized) == matmul_params(full)
 
 
+@pytest.mark.slow
 def test_ddp_interrupt_and_resume(tmp_path, tiny_model):
     """SIGTERM to the launcher: every process stops after the same step, one checkpoint, exit 143;
     --resume with the same processes finishes the run."""

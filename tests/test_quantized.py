@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import base_recipe, read_json, write_recipe
+from helpers import base_recipe, read_json, write_recipe
 
 
 @pytest.fixture(scope="module")
 def qlora_outcome(tmp_path_factory, tiny_model):
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     tmp = tmp_path_factory.mktemp("qlora")
     recipe = base_recipe(
@@ -40,6 +40,7 @@ def _probe_logits(model, tokenizer_dir):
         return model(**ids).logits
 
 
+@pytest.mark.slow
 def test_qlora_trains_on_a_4bit_base(qlora_outcome):
     qlora_run, quantized = qlora_outcome
     # The base really was quantized (the recipe echo in metrics.json alone would not show it).
@@ -52,6 +53,7 @@ def test_qlora_trains_on_a_4bit_base(qlora_outcome):
     assert config["peft_type"] == "LORA"
 
 
+@pytest.mark.slow
 def test_qlora_adapter_weights_stay_fp32(qlora_run):
     from safetensors.torch import load_file
 
@@ -59,6 +61,7 @@ def test_qlora_adapter_weights_stay_fp32(qlora_run):
     assert {t.dtype for t in weights.values()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_qlora_merges_into_the_unquantized_base(qlora_run, tiny_model, cli, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -81,9 +84,10 @@ def test_qlora_merges_into_the_unquantized_base(qlora_run, tiny_model, cli, tmp_
     assert (expected - base_logits).abs().max() > 1e-3  # the update really was folded in
 
 
+@pytest.mark.slow
 def test_8bit_base_trains(tmp_path, tiny_model):
     from peftcli.recipe import load_recipe
-    from peftcli.training import run_training
+    from peftcli.training.run import run_training
 
     recipe = base_recipe(tiny_model, tmp_path / "run", quantization={"bits": 8}, training={"max_steps": 3})
     outcome = run_training(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe)))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, base_recipe, write_recipe
+from helpers import ROOT, base_recipe, write_recipe
 
 from peftcli.errors import UserError
 from peftcli.recipe import load_recipe, recipe_to_yaml

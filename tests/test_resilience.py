@@ -14,13 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, read_json, write_recipe
-from helpers import adapter_weights, interrupt_at, interrupted_run, resumable_recipe, train
+from helpers import (
+    ROOT,
+    adapter_weights,
+    interrupt_at,
+    interrupted_run,
+    read_json,
+    resumable_recipe,
+    train,
+    write_recipe,
+)
 
 from peftcli.errors import Interrupted
 from peftcli.training.checkpoints import missing_files
 
 
+@pytest.mark.slow
 def test_same_recipe_and_seed_give_the_same_loss_history(tmp_path, tiny_model):
     first = train(write_recipe(tmp_path / "a.yaml", resumable_recipe(tiny_model, tmp_path / "a")))
     second = train(write_recipe(tmp_path / "b.yaml", resumable_recipe(tiny_model, tmp_path / "b")))
@@ -30,6 +39,7 @@ def test_same_recipe_and_seed_give_the_same_loss_history(tmp_path, tiny_model):
     )
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model, monkeypatch):
     reference = train(write_recipe(tmp_path / "ref.yaml", resumable_recipe(tiny_model, tmp_path / "ref")))
 
@@ -55,6 +65,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model, mon
     )
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_no_pickle(tmp_path, tiny_model):
     run = train(write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run", steps=4))).run_dir
     files = [p.name for p in run.rglob("*") if p.is_file()]
@@ -76,6 +87,7 @@ def test_no_unsafe_loading_in_the_code():
             assert "weights_only=True" in line, line
 
 
+@pytest.mark.slow
 def test_resume_unpickles_nothing(tmp_path, tiny_model, monkeypatch):
     """Resuming reads no pickle, in peftcli or in the libraries it drives (a checkpoint from an
     untrusted source cannot run code)."""
@@ -88,10 +100,11 @@ def test_resume_unpickles_nothing(tmp_path, tiny_model, monkeypatch):
     for owner, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    assert train(path, resume="latest").steps == 12
+    assert train(path, resume="latest").result.steps == 12
     assert calls == []
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_model, cli, monkeypatch):
     path = interrupted_run(
         write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run")), monkeypatch, 5
@@ -106,6 +119,7 @@ def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_model, cli
     assert again.code == 2 and "already finished" in again.err
 
 
+@pytest.mark.slow
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path, tiny_model, cli, monkeypatch):
     path = interrupted_run(
         write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run")), monkeypatch, 9
@@ -124,6 +138,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path, tiny_model, cli, 
     assert read_json(run / "metrics.json")["steps"] == 12
 
 
+@pytest.mark.slow
 def test_resume_from_an_older_checkpoint_starts_a_new_timeline(tmp_path, tiny_model, cli, monkeypatch):
     """`--resume PATH` goes back to that checkpoint: the run ends as an uninterrupted one, and the
     later checkpoints of the abandoned timeline are gone (a later --resume must not pick them)."""
@@ -141,6 +156,7 @@ def test_resume_from_an_older_checkpoint_starts_a_new_timeline(tmp_path, tiny_mo
     assert read_json(run / "metrics.json")["loss_history"] == read_json(reference / "metrics.json")["loss_history"]
 
 
+@pytest.mark.slow
 def test_the_resume_hint_holds_the_overrides(tmp_path, tiny_model, cli, monkeypatch):
     """After `--set` overrides, the recipe file alone would resume another run: the hint names the
     run's saved recipe.yaml, which holds them, and that command does resume."""
@@ -156,13 +172,15 @@ def test_the_resume_hint_holds_the_overrides(tmp_path, tiny_model, cli, monkeypa
     assert read_json(other / "metrics.json")["steps"] == 12 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_last_step_still_finishes_the_run(tmp_path, tiny_model, monkeypatch):
     path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run"))
     interrupt_at(monkeypatch, 11)  # SIGTERM while step 12 of 12 runs
     outcome = train(path)
-    assert outcome.status == "completed" and (tmp_path / "run" / "adapter").is_dir()
+    assert outcome.result.status == "completed" and (tmp_path / "run" / "adapter").is_dir()
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_at_the_last_step(tmp_path, tiny_model, cli):
     """A process killed right after its last checkpoint: resuming writes the results without
     training again (upstream Trainer would train one step too many)."""
@@ -216,6 +234,7 @@ def _wait_for(process: subprocess.Popen, needle: str, timeout: float = 120) -> l
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_signal_saves_a_checkpoint_and_exits_with_its_code(tmp_path, tiny_model, signum, code):
     path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run", steps=4000))
     process = _start(path)
@@ -247,6 +266,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_keeping_the_last_checkpoint(tmp_path, tiny_model):
     recipe = resumable_recipe(tiny_model, tmp_path / "run", steps=4000)
     recipe["training"]["save_steps"] = 20
@@ -280,6 +300,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, tiny_model, cli):
     path = write_recipe(tmp_path / "r.yaml", resumable_recipe(tiny_model, tmp_path / "run", steps=12))
     marker = tmp_path / "saving"
@@ -304,6 +325,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, tiny_model, c
     assert read_json(run / "metrics.json")["steps"] == 12
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_a_user_error_with_the_knobs(tmp_path, tiny_model, cli, monkeypatch):
     from transformers.models.llama.modeling_llama import LlamaModel
 
@@ -346,6 +368,7 @@ def test_remote_code_is_refused_unless_trusted(tmp_path, tiny_model, cli):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_tokens_never_reach_files_or_output(tmp_path, tiny_model, cli, monkeypatch):
     token = "hf_" + "FakeToken1234567890abcdefghijk"
     monkeypatch.setenv("HF_TOKEN", token)

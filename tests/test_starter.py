@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO_TRAIN
+from helpers import DEMO_TRAIN
 
+from peftcli.cli._starter import starter
 from peftcli.recipe import load_recipe
-from peftcli.starter import starter
 
 
 def _place(tiny_model: Path, root: Path) -> tuple[Path, Path]:

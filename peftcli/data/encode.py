@@ -125,7 +125,7 @@ def _tokenize(tokenizer, text: str, add_special_tokens: bool, max_length: int | 
     while cut < len(text):
         word_end = _WORD_END.search(text, cut - 1, cut + cut // 4 + 64)
         ids, offsets = run(text[: word_end.end() if word_end else cut])
-        if len(ids) >= need:
+        if need is not None and len(ids) >= need:
             return ids[:-_SPARE_TOKENS], offsets[:-_SPARE_TOKENS], False
         cut *= 2
     ids, offsets = run(text)

@@ -69,7 +69,7 @@ def _read_examples(sources: list[DataSource], data: DataSection, key: str) -> _E
         if not good:
             raise UserError(f"{where}: {source.path} has no usable rows", hint="check the file is not empty or all bad")
         columns = list(rename_columns(good[0].values, columns_map))
-        fmt = source.format or data.format
+        fmt: str = source.format or data.format
         if fmt == "auto":
             fmt = detect_format(columns, f"{where} ({source.path})")
         else:

@@ -65,7 +65,9 @@ def stats_table(data: PreparedData, batch_size: int, seed: int, packing: bool) -
         splits.append(("eval", data.eval_stats, data.eval))
     for name, _, _ in splits:
         table.add_column(name, justify="right")
-    rows = {key: [] for key in ("rows", "tokens", "trained_tokens", "truncated", "dropped", "skipped")}
+    rows: dict[str, list[str]] = {
+        key: [] for key in ("rows", "tokens", "trained_tokens", "truncated", "dropped", "skipped")
+    }
     for _, stats, _ in splits:
         for key in rows:
             rows[key].append(f"{getattr(stats, key):,}")
@@ -77,7 +79,8 @@ def stats_table(data: PreparedData, batch_size: int, seed: int, packing: bool) -
     return table
 
 
-def show(tokenizer, data: PreparedData, rows: int, as_json: bool, recipe, out_console) -> None:
+def show(tokenizer, data: PreparedData, rows: int, as_json: bool, recipe, out_console, packing: bool) -> None:
+    """`packing`: whether training on this machine packs (then no padding is estimated)."""
     items = data.train[:rows]
     if as_json:
         for item in items:
@@ -94,9 +97,6 @@ def show(tokenizer, data: PreparedData, rows: int, as_json: bool, recipe, out_co
         )
         out_console.print(render_example(tokenizer, item, marks))
     out_console.rule()
-    from peftcli.training.settings import resolve
-
-    packing = resolve(recipe).packing
     out_console.print(stats_table(data, recipe.training.batch_size, recipe.training.seed, packing))
     for name, stats in (("train", data.train_stats), ("eval", data.eval_stats)):
         for reason, origins in stats.skipped_reasons.items():

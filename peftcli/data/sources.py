@@ -52,13 +52,13 @@ def read_source(source: DataSource, key: str) -> list[Row | BadRow]:
     if local.is_dir():
         if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
             return _read_saved_dataset(local, source, key)
-        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
-        if not files:
+        found = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        if not found:
             raise UserError(
                 f"{key}: {local} is a directory with no .jsonl/.json/.csv/.parquet file",
                 hint="point data.train at a file, a glob, or a folder of data files",
             )
-        return [row for file in files for row in _read_file(file, key)]
+        return [row for file in found for row in _read_file(file, key)]
     if local.is_file() or special_kind(local):
         return _read_file(local, key)
     raise UserError(f"{key}: data file not found: {path}", hint=PATH_RULE)

@@ -5,19 +5,53 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from peftcli.errors import UserError
-from peftcli.spec import Strict
+from peftcli.strict import Strict
 
 
 class MethodSpec(Strict):
     """A method's own recipe keys. Subclasses add a `method: Literal[...]` tag and their keys."""
 
     tag_field: ClassVar[str] = "method"
+    method: str  # each subclass narrows it to its names (a Literal), which pydantic dispatches on
 
     def check_with(self, recipe) -> None:
         """Checks that need other recipe sections (raise ValueError with a message naming the keys)."""
+
+
+class DecoderShape(Protocol):
+    """The shape of a dense decoder, from its config.json (model/size.py's Shape): what a method's
+    trainable-parameter count is computed from, without loading any weight."""
+
+    @property
+    def hidden(self) -> int: ...
+
+    @property
+    def layers(self) -> int: ...
+
+    @property
+    def vocab(self) -> int: ...
+
+    @property
+    def kv_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    def linears(self) -> dict[str, tuple[int, int]]: ...  # (in, out) per linear of one block
+
+    def linear_params(self) -> int: ...
+
+    def other_params(self) -> int: ...
+
+
+def chosen_linears(spec, shape: DecoderShape) -> dict[str, tuple[int, int]]:
+    """The linears of one block that `spec.target_modules` adapts (all of them for all-linear)."""
+    linears = shape.linears()
+    targets = getattr(spec, "target_modules", "all-linear")
+    return linears if targets == "all-linear" else {k: v for k, v in linears.items() if k in targets}
 
 
 @dataclass
@@ -78,6 +112,9 @@ class Method:
     summary: str
     mergeable: bool
     quantized_base: bool
+    # Trainable parameters on a model of this shape, from its config alone: the fit estimate's
+    # count (checked against peft on a real model for every method: tests/test_registry.py).
+    count_trainable: Callable[[Any, DecoderShape], int]
     # Why it cannot be merged, and how to serve it instead (shown by `peftcli merge`).
     serve_hint: str = ""
     # Model types (config.model_type) it supports; None means any causal LM.
@@ -94,6 +131,23 @@ class Method:
     # Packing keeps examples apart through per-example position ids; methods that prepend virtual
     # tokens or key/value prefixes ignore or break them.
     packing: bool = True
+    # A learning rate that suits the method (`init` writes it): prompt methods train few
+    # parameters far from the weights, a full fine-tune needs a much smaller step.
+    learning_rate: float = 2e-4
+    # Whether gradient checkpointing can recompute its layers (prefix tuning's cached key/value
+    # prefix does not survive recomputation).
+    checkpointing: bool = True
+    # How PEFT's add_weighted_adapter combines its adapters: "low_rank" (every combination type) or
+    # "scaling" (IA3's vectors: a weighted sum only); None: they cannot be combined. `uncombinable` says why a spec of a
+    # combinable method cannot be (DoRA's magnitudes).
+    combines_as: str | None = None
+    uncombinable: Callable[[Any], str | None] = field(default=lambda spec: None)
+    # Methods of one group can be attached to one base side by side (`peftcli generate` with
+    # several adapters); None: only with adapters of the same method.
+    attach_group: str | None = None
+    # What `merge` folds the adapter into: the original full-precision weights, or the 4-bit
+    # weights dequantized (LoftQ adapters correct exactly those).
+    merges_into_dequantized: Callable[[Any], bool] = field(default=lambda spec: False)
 
     def keys(self) -> dict[str, Any]:
         """The recipe keys this method takes, with their defaults (as `method: <name>` resolves them)."""

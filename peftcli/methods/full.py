@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import Field
 
 from peftcli.errors import UserError
-from peftcli.methods.base import MethodContext, MethodSpec
-from peftcli.spec import PositiveInt
+from peftcli.methods.base import DecoderShape, MethodContext, MethodSpec
+from peftcli.strict import PositiveInt
 
 
 class FullSpec(MethodSpec):
@@ -65,3 +65,12 @@ def apply_freeze(spec: FreezeSpec, model, ctx: MethodContext):
 
 def save_full_model(spec, model, out: Path, ctx: MethodContext) -> None:
     model.save_pretrained(out, safe_serialization=True)
+
+
+def count_full(spec: FullSpec, shape: DecoderShape) -> int:
+    return shape.linear_params() + shape.other_params()
+
+
+def count_freeze(spec: FreezeSpec, shape: DecoderShape) -> int:
+    per_block = sum(a * b for a, b in shape.linears().values()) + 2 * shape.hidden  # linears and two norms
+    return per_block * spec.layers + (shape.vocab * shape.hidden if spec.train_head else 0)

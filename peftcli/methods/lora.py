@@ -8,9 +8,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from peftcli.errors import UserError
-from peftcli.methods.base import MethodContext, MethodSpec, via_peft
+from peftcli.methods.base import DecoderShape, MethodContext, MethodSpec, chosen_linears, via_peft
 from peftcli.methods.targets import TargetModules
-from peftcli.spec import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from peftcli.strict import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
 # Our names for peft's `init_lora_weights`; "default" is peft's True (B = 0, so step 0 = the base).
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
@@ -160,3 +160,27 @@ def adalora_callbacks(model) -> list:
             model.base_model.update_and_allocate(state.global_step)
 
     return [ReallocateRanks()]
+
+
+def _saved_in_full(spec, shape: DecoderShape) -> int:
+    """`modules_to_save` trained in full: the head or the embeddings (vocab x hidden each)."""
+    saved = getattr(spec, "modules_to_save", None) or []
+    return sum(shape.vocab * shape.hidden for name in saved if name in ("lm_head", "embed_tokens"))
+
+
+def count_lora(spec: LoraSpec, shape: DecoderShape) -> int:
+    chosen = chosen_linears(spec, shape)
+    per_block = sum(spec.r * (a + b) for a, b in chosen.values())
+    if spec.use_dora:  # one magnitude per output feature
+        per_block += sum(b for _, b in chosen.values())
+    layers = len(spec.layers_to_transform) if spec.layers_to_transform else shape.layers
+    return layers * per_block + _saved_in_full(spec, shape)
+
+
+def count_adalora(spec: AdaLoraSpec, shape: DecoderShape) -> int:
+    # A (r x in), B (out x r), the singular values E (r) and the rank counter, at the starting rank.
+    return shape.layers * sum(spec.init_r * (a + b + 1) + 1 for a, b in chosen_linears(spec, shape).values())
+
+
+def lora_uncombinable(spec: LoraSpec) -> str | None:
+    return "its DoRA magnitude vectors cannot be combined" if spec.use_dora else None

@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftcli.methods.base import MethodSpec, via_peft
+from peftcli.methods.base import DecoderShape, MethodSpec, chosen_linears, via_peft
 from peftcli.methods.targets import TargetModules
-from peftcli.spec import Int, PositiveFloat, PositiveInt, Probability
+from peftcli.strict import Int, PositiveFloat, PositiveInt, Probability
 
 
 class _ProductKeys(MethodSpec):
@@ -33,3 +33,35 @@ class LokrSpec(_ProductKeys):
 
 apply_loha = via_peft("LoHaConfig")
 apply_lokr = via_peft("LoKrConfig")
+
+
+def count_loha(spec: LohaSpec, shape: DecoderShape) -> int:
+    # Two low-rank pairs whose Hadamard product is the update.
+    return shape.layers * sum(2 * spec.r * (a + b) for a, b in chosen_linears(spec, shape).values())
+
+
+def _factors(dimension: int, factor: int) -> tuple[int, int]:
+    """peft's LoKr factorisation: m <= n with m * n = dimension, m near `factor` (or sqrt)."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    factor = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return min(m, n), max(m, n)
+
+
+def count_lokr(spec: LokrSpec, shape: DecoderShape) -> int:
+    total = 0
+    for a, b in chosen_linears(spec, shape).values():
+        (in_m, in_n), (out_l, out_k) = _factors(a, spec.decompose_factor), _factors(b, spec.decompose_factor)
+        low_rank_left = spec.decompose_both and spec.r < max(out_l, in_m) / 2
+        total += spec.r * (out_l + in_m) if low_rank_left else out_l * in_m
+        total += spec.r * (out_k + in_n) if spec.r < max(out_k, in_n) / 2 else out_k * in_n
+    return shape.layers * total

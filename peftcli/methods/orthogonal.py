@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from peftcli.methods.base import MethodContext, MethodSpec, via_peft
+from peftcli.methods.base import DecoderShape, MethodContext, MethodSpec, chosen_linears, via_peft
 from peftcli.methods.targets import TargetModules
-from peftcli.spec import NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from peftcli.strict import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
 
 class OftSpec(MethodSpec):
@@ -63,3 +63,25 @@ apply_boft = via_peft(
     },
     extra=_boft_without_kernel_rebuilds,
 )
+
+
+def _block(features: int, size: int) -> int:
+    """The block size peft uses: the divisor of `features` nearest to the one asked for."""
+    return min((d for d in range(1, features + 1) if features % d == 0), key=lambda d: (abs(d - size), d))
+
+
+def count_oft(spec: OftSpec, shape: DecoderShape) -> int:
+    total = 0
+    for a, _ in chosen_linears(spec, shape).values():
+        size = _block(a, spec.block_size)
+        blocks = 1 if spec.block_share else a // size
+        total += blocks * size * (size - 1) // 2  # one skew-symmetric generator per block
+    return shape.layers * total
+
+
+def count_boft(spec: BoftSpec, shape: DecoderShape) -> int:
+    total = 0
+    for a, b in chosen_linears(spec, shape).values():
+        size = spec.block_size or a // spec.block_num
+        total += spec.butterfly_factor * a * size + b  # the rotation factors and the output scale
+    return shape.layers * total

@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from peftcli.errors import UserError
-from peftcli.methods.base import MethodContext, MethodSpec, via_peft
-from peftcli.spec import Int, PositiveInt, Probability
+from peftcli.methods.base import DecoderShape, MethodContext, MethodSpec, via_peft
+from peftcli.strict import Int, PositiveInt, Probability
 
 SERVE_WITH_PEFT = (
     "serve it with the base model and PEFT: PeftModel.from_pretrained(base, 'RUN/adapter') "
@@ -90,3 +90,35 @@ def _adapter_layers(spec: AdaptionPromptSpec, model, ctx: MethodContext) -> dict
 
 
 apply_adaption_prompt = via_peft("AdaptionPromptConfig", extra=_adapter_layers)
+
+
+def count_prefix_tuning(spec: PrefixTuningSpec, shape: DecoderShape) -> int:
+    token = shape.kv_heads * shape.head_dim
+    kv = 2 * shape.layers * token  # a key and a value per layer, per virtual token
+    if not spec.prefix_projection:
+        return spec.num_virtual_tokens * kv
+    width = spec.encoder_hidden_size or token
+    # token embeddings, then an MLP token -> width -> all layers' keys and values
+    return spec.num_virtual_tokens * token + token * width + width + width * kv + kv
+
+
+def count_prompt_tuning(spec: PromptTuningSpec, shape: DecoderShape) -> int:
+    return spec.num_virtual_tokens * shape.hidden
+
+
+def count_p_tuning(spec: PTuningSpec, shape: DecoderShape) -> int:
+    h, width = shape.hidden, spec.encoder_hidden_size or shape.hidden
+    embeddings = spec.num_virtual_tokens * h
+    if spec.encoder == "mlp":  # h -> width -> width -> h
+        return embeddings + (h * width + width) + (width * width + width) + (width * h + h)
+    # a bidirectional LSTM of `width` per direction, then an MLP 2 width -> 2 width -> h
+    lstm, inputs = 0, h
+    for _ in range(spec.encoder_num_layers):
+        lstm += 2 * 4 * width * (inputs + width + 2)
+        inputs = 2 * width
+    return embeddings + lstm + (4 * width * width + 2 * width) + (2 * width * h + h)
+
+
+def count_adaption_prompt(spec: AdaptionPromptSpec, shape: DecoderShape) -> int:
+    # per adapted layer: the learned prompt tokens and one gate
+    return (spec.adapter_layers or shape.layers) * (spec.adapter_len * shape.hidden + 1)

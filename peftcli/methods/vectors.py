@@ -7,9 +7,9 @@ from typing import Literal
 from pydantic import Field
 
 from peftcli.errors import UserError
-from peftcli.methods.base import MethodContext, MethodSpec, via_peft
+from peftcli.methods.base import DecoderShape, MethodContext, MethodSpec, chosen_linears, via_peft
 from peftcli.methods.targets import FEEDFORWARD_OUT, NormModules, TargetModules, resolve_targets
-from peftcli.spec import Float, Int, PositiveInt, Probability
+from peftcli.strict import Float, Int, PositiveInt, Probability
 
 
 class Ia3Spec(MethodSpec):
@@ -54,3 +54,19 @@ class LnTuningSpec(MethodSpec):
 
 
 apply_ln_tuning = via_peft("LNTuningConfig", targets="norm")
+
+
+def count_ia3(spec: Ia3Spec, shape: DecoderShape) -> int:
+    # One scale per input feature of a feedforward (output) layer, per output feature elsewhere.
+    chosen = chosen_linears(spec, shape)
+    feedforward = FEEDFORWARD_OUT if spec.feedforward_modules == "auto" else spec.feedforward_modules
+    return shape.layers * sum(a if name in feedforward else b for name, (a, b) in chosen.items())
+
+
+def count_vera(spec: VeraSpec, shape: DecoderShape) -> int:
+    # The shared projections are frozen; each layer trains a scale per output feature and per rank.
+    return shape.layers * sum(b + spec.r for _, b in chosen_linears(spec, shape).values())
+
+
+def count_ln_tuning(spec: LnTuningSpec, shape: DecoderShape) -> int:
+    return (2 * shape.layers + 1) * shape.hidden  # two norms per block and the final one

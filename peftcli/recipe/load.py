@@ -22,7 +22,7 @@ from peftcli.errors import UserError
 from peftcli.recipe.files import human_size, read_capped, special_kind
 from peftcli.recipe.schema import BUILTIN_TEMPLATES, Recipe
 from peftcli.recipe.yaml_guard import YamlProblem, load_checked
-from peftcli.secrets import redact
+from peftcli.redact import redact
 
 # Suffixes that mark a string as a local file even when it does not exist (so the user gets
 # "file not found" instead of a hub lookup).
@@ -236,7 +236,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             continue
         if model is Recipe and part == "peft":
             return None
-        field = model.model_fields.get(part) if isinstance(model, type) else None
+        field = getattr(model, "model_fields", {}).get(part) if isinstance(model, type) else None
         if field is None:
             if part in REGISTRY:  # discriminated union branch
                 model = REGISTRY[part].spec
@@ -259,7 +259,7 @@ def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def _describe(error: dict, raw: RawRecipe) -> str:
-    from peftcli.methods import REGISTRY
+    from peftcli.methods import DEFAULT_METHOD, REGISTRY
 
     loc = tuple(error["loc"])
     kind = error["type"]
@@ -267,7 +267,7 @@ def _describe(error: dict, raw: RawRecipe) -> str:
     method = None
     if loc and loc[0] == "peft":
         peft = raw.data.get("peft")
-        method = peft.get("method", "lora") if isinstance(peft, dict) else None
+        method = peft.get("method", DEFAULT_METHOD) if isinstance(peft, dict) else None
         if len(loc) >= 2 and loc[1] in REGISTRY:
             loc = (loc[0], *loc[2:])
     key = _dotted(loc)
@@ -327,12 +327,12 @@ def _wrong_method_keys(method: str, names: list[str], where: str = "", origin: s
     return f"peft: {quoted} are not keys of peft.method '{method}'; {takes}{switch}"
 
 
-def _group_method_keys(errors: list[dict], raw: RawRecipe) -> list[dict | str]:
+def _group_method_keys(errors: list[Any], raw: RawRecipe) -> list[Any]:
     """Several unknown keys of one method (say, LoRA keys left after switching to ia3) become one line."""
-    from peftcli.methods import REGISTRY
+    from peftcli.methods import DEFAULT_METHOD, REGISTRY
 
-    peft = raw.data.get("peft") if isinstance(raw.data.get("peft"), dict) else {}
-    method = peft.get("method", "lora")
+    peft = raw.data.get("peft")
+    method = peft.get("method", DEFAULT_METHOD) if isinstance(peft, dict) else DEFAULT_METHOD
     wrong = [
         e
         for e in errors
@@ -370,5 +370,5 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path 
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    """The resolved recipe as YAML, with any hub token redacted (see secrets.py)."""
+    """The resolved recipe as YAML, with any hub token redacted (see redact.py)."""
     return redact(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True))

@@ -1,6 +1,7 @@
 """The recipe: one pydantic model per section of the public recipe contract.
 
-Section and key names are the public interface (see README "Recipe reference"); add keys freely,
+Section and key names are the public interface (docs/recipe.md, generated from this file by
+reference.py); add keys freely,
 rename none. Every section forbids unknown keys so a typo is an error, not a silently ignored
 setting. Checks that need two keys at once live in `_cross_checks` so they run before any model
 loads.
@@ -8,13 +9,18 @@ loads.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from peftcli.methods import PeftSpec
-from peftcli.methods.lora import LoraSpec
-from peftcli.spec import (
+from peftcli.methods import DEFAULT_METHOD, REGISTRY, MethodSpec, PeftSpec
+
+if TYPE_CHECKING:  # the union is built from the registry at run time; to a type checker it is a MethodSpec
+    PeftField = MethodSpec
+else:
+    PeftField = PeftSpec
+from peftcli.strict import (
     Name,
     NoBool,
     NonNegativeFloat,
@@ -104,9 +110,12 @@ Sources = Annotated[
 
 
 class DataSection(Strict):
-    train: Sources = Field(description="Training data: one source or a list of sources.")
+    train: Sources = Field(
+        description="Training data: a .jsonl/.json/.csv/.parquet/.txt file, a folder or glob of them, a hub id, "
+        "or a list of sources.",
+    )
     eval: Sources | None = Field(None, description="Held-out data; or use eval_split.")
-    eval_split: OpenFraction | None = Field(None, description="Fraction of train held out for eval.")
+    eval_split: OpenFraction | None = Field(None, description="Fraction of train held out for eval (or set data.eval).")
     format: Format = Field("auto", description="Row format; auto detects it from the columns.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map format fields onto your column names, e.g. {output: answer}."
@@ -125,17 +134,22 @@ class DataSection(Strict):
     bad_rows: Literal["error", "skip"] = Field("error", description="Malformed rows: stop, or skip and count.")
 
 
+DEFAULT_EPOCHS = 1.0
+
+
 class TrainingSection(Strict):
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; or set epochs.")
-    epochs: PositiveFloat | None = Field(None, description="Passes over the data (1 when neither is set).")
+    epochs: PositiveFloat | None = Field(
+        None, description=f"Passes over the data ({DEFAULT_EPOCHS:g} when neither is set)."
+    )
     batch_size: PositiveInt = Field(4, description="Examples per device per step.")
     gradient_accumulation: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     learning_rate: PositiveFloat = Field(2.0e-4, description="Peak learning rate.")
     lr_scheduler: Literal[
         "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
-    ] = "linear"
+    ] = Field("linear", description="Learning-rate schedule after the warm-up.")
     warmup_ratio: Probability = Field(0.0, description="Fraction of steps spent warming up.")
-    weight_decay: NonNegativeFloat = 0.0
+    weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay.")
     max_grad_norm: NonNegativeFloat = Field(1.0, description="Gradient clipping; 0 disables.")
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
         "auto", description="auto = fused AdamW (on CPU and GPU)."
@@ -152,7 +166,9 @@ class TrainingSection(Strict):
     )
     tf32: bool | Literal["auto"] = Field("auto", description="TF32 matmuls for fp32 work. auto = on Ampere+ GPUs.")
     compile: bool = Field(False, description="torch.compile the model (slower start, faster steps on GPU).")
-    seed: Annotated[int, Field(ge=0, lt=2**32), NoBool] = 42
+    seed: Annotated[int, Field(ge=0, lt=2**32), NoBool] = Field(
+        42, description="Seeds model init, data order, dropout and the eval split."
+    )
     eval_steps: PositiveInt | None = Field(None, description="Compute the eval loss every N steps while training.")
     early_stopping_patience: PositiveInt | None = Field(
         None, description="Stop after N evals without improvement; adapter/ is then the best one seen."
@@ -161,15 +177,20 @@ class TrainingSection(Strict):
         0.0, description="Smallest eval-loss drop that counts as an improvement."
     )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"],
+        default_factory=lambda: ["tensorboard"],  # type: ignore[arg-type,return-value]
         description="Loggers: tensorboard (into RUN/tensorboard), wandb, mlflow (when installed); [] for none.",
     )
     logging_steps: PositiveInt = Field(1, description="Log the loss every N steps.")
     save_steps: PositiveInt = Field(100, description="Write checkpoint-N every N steps (and at the end).")
     save_total_limit: PositiveInt | None = Field(3, description="Keep at most this many checkpoints.")
 
+    @property
+    def effective_epochs(self) -> float:
+        """The epochs a run without max_steps trains for: this is the one home of that default."""
+        return self.epochs if self.epochs is not None else DEFAULT_EPOCHS
+
     def describe_length(self) -> str:
-        return f"{self.max_steps} steps" if self.max_steps else f"{self.epochs or 1:g} epochs"
+        return f"{self.max_steps} steps" if self.max_steps else f"{self.effective_epochs:g} epochs"
 
 
 class EvalSection(Strict):
@@ -197,7 +218,9 @@ class OutputSection(Strict):
 class Recipe(Strict):
     model: ModelSection
     quantization: QuantizationSection | None = None
-    peft: PeftSpec = Field(default_factory=LoraSpec)  # type: ignore[valid-type]
+    peft: PeftField = Field(
+        default_factory=lambda: REGISTRY[DEFAULT_METHOD].spec.model_validate({"method": DEFAULT_METHOD})
+    )
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -206,9 +229,9 @@ class Recipe(Strict):
     @field_validator("peft", mode="before")
     @classmethod
     def _default_method(cls, value: Any) -> Any:
-        # `method` picks the spec that validates the other keys; a peft section without it is LoRA.
+        # `method` picks the spec that validates the other keys; a peft section without it is the default.
         if isinstance(value, dict) and "method" not in value:
-            return {"method": "lora", **value}
+            return {"method": DEFAULT_METHOD, **value}
         return value
 
     @model_validator(mode="after")
@@ -239,5 +262,27 @@ class Recipe(Strict):
         return self
 
     @property
+    def run_dir(self) -> Path:
+        """`output.dir`, which loading a recipe always fills (runs/<recipe name> by default)."""
+        if self.output.dir is None:
+            raise ValueError("output.dir is unset: recipes are loaded through peftcli.recipe.load_recipe")
+        return Path(self.output.dir)
+
+    @property
     def is_quantized(self) -> bool:
         return self.quantization is not None
+
+
+def rebuild() -> None:
+    """Let recipes name every method in the registry now (after `peftcli.methods.register`)."""
+    from pydantic.fields import FieldInfo
+
+    from peftcli.methods import spec_union
+
+    current = Recipe.model_fields["peft"]
+    # spec_union() is an Annotated union, which from_annotation takes (its stub says a type)
+    Recipe.model_fields["peft"] = FieldInfo.merge_field_infos(
+        FieldInfo.from_annotation(spec_union()),  # type: ignore[arg-type]
+        default_factory=current.default_factory,
+    )
+    Recipe.model_rebuild(force=True)

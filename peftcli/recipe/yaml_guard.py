@@ -96,7 +96,7 @@ def _visit(event, stack: list[_Frame], anchors: dict[str, _Node]) -> None:
         parent.key_next = not parent.key_next
 
     if isinstance(event, AliasEvent):
-        node = anchors.get(event.anchor)
+        node = anchors.get(event.anchor or "")
         if node is None:
             return  # undefined alias: the composer says so
         if node.open:
@@ -163,7 +163,7 @@ def _add(stack: list[_Frame], child: _Node, line: int) -> None:
 
 
 def _check_buildable(event: ScalarEvent, tag: str, line: int) -> None:
-    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
+    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)  # type: ignore[arg-type]
     try:
         SafeConstructor.yaml_constructors[tag](_CONSTRUCTOR, node)
     except (ValueError, OverflowError) as exc:

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from peftcli.errors import UserError
+from peftcli.model.checks import is_local
+from peftcli.recipe import Recipe
 from peftcli.rundir.io import atomic_write_json
 from peftcli.rundir.layout import ADAPTER, LOCK, MARKER, MODEL, RECIPE, TENSORBOARD, TMP_PREFIX, run_owns
 
@@ -92,7 +95,7 @@ def check_not_holding(out: Path, protected: list[tuple[str, Path]]) -> None:
             )
 
 
-def check_output_dir(path: Path, overwrite: bool, protected: list[tuple[str, Path]] = ()) -> None:
+def check_output_dir(path: Path, overwrite: bool, protected: Sequence[tuple[str, Path]] = ()) -> None:
     """Refuse to mix a new run into an existing one unless the user says so. Writes nothing."""
     check_not_holding(path, list(protected))
     if path.exists() and not path.is_dir():
@@ -199,7 +202,7 @@ def claim_run_dir(path: Path, fresh: bool) -> Iterator[None]:
     run fails or is interrupted before it saved anything of its own (only the recipe, marker, logs
     and staging are there), what this command made goes, so the same command can simply run again:
     the folder itself if this command created it, else only those files."""
-    from peftcli.runlock import RunLock
+    from peftcli.rundir.lock import RunLock
 
     created = not path.exists()
     try:
@@ -227,3 +230,25 @@ def claim_run_dir(path: Path, fresh: bool) -> Iterator[None]:
         raise
     finally:
         lock.release()
+
+
+def _local(value: str | None) -> Path | None:
+    """A recipe path that is local (recipes make local paths absolute), without any glob part."""
+    if not value or not is_local(value):
+        return None
+    parts = Path(value).parts
+    for i, part in enumerate(parts):
+        if re.search(r"[*?[]", part) and not Path(*parts[: i + 1]).exists():
+            return Path(*parts[:i])  # a glob: its fixed folder is what it reads
+    return Path(value)
+
+
+def protected_paths(recipe: Recipe, recipe_file: Path | None = None) -> list[tuple[str, Path]]:
+    """What a run directory may never be or contain: the recipe's folder, the data, the model."""
+    found: list[tuple[str, Path | None]] = [("the recipe file", recipe_file)] if recipe_file is not None else []
+    found += [("model.name", _local(recipe.model.name)), ("model.tokenizer", _local(recipe.model.tokenizer))]
+    for key, sources in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval or [])):
+        found += [(key, _local(source.path)) for source in sources]
+    template = recipe.data.chat_template
+    found += [("data.chat_template", _local(template)), ("eval.reference", _local(recipe.eval.reference))]
+    return [(what, path) for what, path in found if path is not None]

@@ -18,7 +18,7 @@ PREDICTIONS = "predictions.jsonl"
 BEST_ADAPTER = "best-adapter"  # the best adapter so far (early stopping); becomes adapter/ at the end
 BEST_INFO = "best.json"
 TENSORBOARD = "tensorboard"
-LOCK = ".peftcli.lock"  # runlock.py
+LOCK = ".peftcli.lock"  # lock.py
 # Written into every folder peftcli owns: run directories ({"kind": "run"}) and merge/combine
 # outputs (with the list of files written). It, not the presence of recipe.yaml, is what lets
 # --overwrite and --force replace a folder: a user's project folder also holds a recipe.yaml.

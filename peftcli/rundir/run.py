@@ -1,5 +1,5 @@
 """A run on disk, opened for `eval`, `merge` and `generate`: its saved recipe, metrics and weights,
-checked whole before anything loads them."""
+checked whole before anything loads them, then loaded (`load_run`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftcli.errors import UserError
-from peftcli.rundir.layout import ADAPTER, METRICS, MODEL, RECIPE
+from peftcli.rundir.layout import ADAPTER, METRICS, MODEL, RECIPE, artifact_dir
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,31 @@ def open_run(path: str | Path, need_adapter: bool = True) -> Run:
             hint="the run did not finish; resume it with `peftcli train RECIPE --resume`",
         )
     return run
+
+
+def load_run(run, recipe, base: str = "as_trained", dtype=None):
+    """A run's tuned model and its tokenizer (which carries the chat template used in training).
+
+    `base`: "as_trained" (quantized as in training: eval, generate), "full_precision" (merge), or
+    "dequantized" (merge of a LoftQ adapter into the 4-bit weights it corrects). Runs that trained
+    the weights themselves (`full`, `freeze`) load their own `model/`."""
+    from peft import PeftModel
+
+    from peftcli.methods import method_of
+    from peftcli.model.load import adapter_mismatch, is_shape_mismatch, load_model, load_tokenizer
+
+    method = method_of(recipe.peft)
+    artifact = artifact_dir(run.path, method)
+    tokenizer = load_tokenizer(recipe.model, path=str(artifact))
+    if method.saves_full_model:
+        own = recipe.model.model_copy(update={"name": str(artifact), "revision": None})
+        return load_model(own, None, dtype), tokenizer
+    model = load_model(recipe.model, None if base == "full_precision" else recipe.quantization, dtype)
+    if base == "dequantized":
+        model = model.dequantize(dtype=dtype)
+    try:
+        return PeftModel.from_pretrained(model, str(artifact)), tokenizer
+    except Exception as exc:  # noqa: BLE001 - torch and peft phrase a mismatch in several types
+        if is_shape_mismatch(exc):
+            raise adapter_mismatch(str(artifact), recipe.model.name, exc) from None
+        raise

@@ -1,5 +1,1 @@
-"""The training stage (`peftcli train`). The only package that imports TRL."""
-
-from peftcli.training.stage import TrainOutcome, run_training
-
-__all__ = ["TrainOutcome", "run_training"]
+"""One `peftcli train`: plan, set up, open the run dir, fit, keep the artifact, report (run.py)."""

@@ -15,7 +15,7 @@ whether or not it is complete (a missing `optimizer.pt` silently restarts the LR
 With several processes the staging folder is cleared, written and renamed between barriers, and
 each process keeps its own RNG state. Under FSDP and DeepSpeed, whose optimizer state is sharded,
 the optimizer/scheduler/RNG files are upstream's own; their format is pickle, which peftcli never
-loads, so such checkpoints cannot be resumed (README: "More than one GPU").
+loads, so such checkpoints cannot be resumed (docs/performance.md: "More than one GPU").
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peftcli.integrity import PICKLE_WHY, damaged_files, pickles
 from peftcli.rundir import TMP_PREFIX
@@ -92,7 +93,15 @@ def problems(checkpoint: Path) -> list[str]:
 def checkpoints(run_dir: Path) -> list[Path]:
     """checkpoint-N folders, newest (highest N) first."""
     found = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)] if run_dir.is_dir() else []
-    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)), reverse=True)
+    return sorted(found, key=step_of, reverse=True)
+
+
+def step_of(checkpoint: Path) -> int:
+    """N of a checkpoint-N folder."""
+    match = CHECKPOINT.match(checkpoint.name)
+    if match is None:
+        raise ValueError(f"{checkpoint.name} is not a checkpoint-N folder")
+    return int(match.group(1))
 
 
 def newest_complete(run_dir: Path) -> tuple[Path | None, list[str]]:
@@ -131,7 +140,13 @@ def remove_staging(run_dir: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-class SafeCheckpoints:
+if TYPE_CHECKING:  # a mixin for transformers' Trainer (trainer.py puts it first in the MRO)
+    from transformers import Trainer as _Trainer
+else:
+    _Trainer = object
+
+
+class SafeCheckpoints(_Trainer):
     """Trainer mixin: atomic checkpoints; pickle-free ones outside FSDP/DeepSpeed."""
 
     _staging_dir: str | None = None
@@ -189,8 +204,10 @@ class SafeCheckpoints:
         if not self.args.should_save:
             return None
         os.makedirs(output_dir, exist_ok=True)
+        assert self.optimizer is not None and self.lr_scheduler is not None  # built before the first save
         state = self.optimizer.state_dict()
-        tensors, meta = {}, {}
+        tensors: dict[str, Any] = {}
+        meta: dict[str, Any] = {}
         for pid, values in state["state"].items():
             meta[str(pid)] = {}
             for key, value in values.items():
@@ -220,6 +237,7 @@ class SafeCheckpoints:
         for group in meta["param_groups"]:
             if "betas" in group:  # JSON turned Adam's tuple into a list
                 group["betas"] = tuple(group["betas"])
+        assert self.optimizer is not None and self.lr_scheduler is not None  # created before loading
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         with open(os.path.join(checkpoint, SCHEDULER), encoding="utf-8") as handle:
             self.lr_scheduler.load_state_dict(json.load(handle))
@@ -239,7 +257,10 @@ class SafeCheckpoints:
         os.makedirs(output_dir, exist_ok=True)
         py_version, py_state, py_gauss = random.getstate()
         np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
-        tensors = {"cpu": torch.random.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
+        tensors = {
+            "cpu": torch.random.get_rng_state(),
+            "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        }
         if torch.cuda.is_available():
             tensors["cuda"] = torch.cuda.random.get_rng_state()
         name = self._rng_name()
@@ -294,6 +315,7 @@ class SafeCheckpoints:
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         out = output_dir if output_dir is not None else self.args.output_dir
+        assert out is not None  # the trainer is always given the run directory
         if self.args.should_save:
             # upstream pickles the whole TrainingArguments object here; keep a JSON copy instead
             pickled = os.path.join(out, "training_args.bin")

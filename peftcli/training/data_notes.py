@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from peftcli import console as cli_console
 from peftcli.recipe import Recipe
+from peftcli.training.setup import Setup
 
 
-def report_data(prepared, trainer, recipe: Recipe) -> None:
+def report_data(setup: Setup, trainer, recipe: Recipe) -> None:
     """Say what the data stage did that the user may not expect: skips, drops, packing."""
-    for name, stats in (("train", prepared.data.train_stats), ("eval", prepared.data.eval_stats)):
+    for name, stats in (("train", setup.data.train_stats), ("eval", setup.data.eval_stats)):
         if stats.skipped:
             reasons = "; ".join(f"{reason} ({', '.join(rows)})" for reason, rows in stats.skipped_reasons.items())
             cli_console.warn(f"data.{name}: skipped {stats.skipped} bad rows (data.bad_rows: skip): {reasons}")
@@ -18,12 +19,12 @@ def report_data(prepared, trainer, recipe: Recipe) -> None:
                 f"data.{name}: {stats.truncated} examples truncated, {stats.dropped} dropped "
                 f"(longer than data.max_length {recipe.data.max_length}, data.overlong: {recipe.data.overlong})"
             )
-    if prepared.settings.packing:
-        cli_console.note(describe_packing(trainer, prepared))
+    if setup.settings.packing:
+        cli_console.note(describe_packing(trainer, setup))
 
 
-def describe_packing(trainer, prepared) -> str:
-    settings = prepared.settings
+def describe_packing(trainer, setup: Setup) -> str:
+    settings = setup.settings
     rows = len(trainer.train_dataset)
     layout = (
         "each batch is one padding-free row cut at example boundaries"
@@ -31,6 +32,6 @@ def describe_packing(trainer, prepared) -> str:
         else "each batch keeps its rows (no varlen kernel here)"
     )
     return (
-        f"packing: {len(prepared.data.train)} examples into {rows} rows of up to data.max_length; {layout}; "
+        f"packing: {len(setup.data.train)} examples into {rows} rows of up to data.max_length; {layout}; "
         f"examples stay apart via {settings.attention}"
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftcli.errors import UserError
-from peftcli.modeling import is_shape_mismatch
+from peftcli.model.load import is_shape_mismatch
 from peftcli.recipe import Recipe
 from peftcli.rundir import ADAPTER, MODEL, is_run_dir
 

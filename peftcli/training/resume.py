@@ -17,10 +17,11 @@ import yaml
 
 from peftcli import console
 from peftcli.errors import UserError
-from peftcli.launch import is_main_process
+from peftcli.model.device import is_main_process
 from peftcli.recipe import Recipe
+from peftcli.recipe.schema import DEFAULT_EPOCHS
 from peftcli.rundir import ADAPTER, BEST_ADAPTER, BEST_INFO, MARKER, MODEL, RECIPE, is_run_dir
-from peftcli.training.checkpoints import CHECKPOINT, checkpoints, newest_complete, problems
+from peftcli.training.checkpoints import CHECKPOINT, checkpoints, newest_complete, problems, step_of
 
 # Keys that change how often things are logged or kept, or what eval reads, not what is trained.
 NOT_TRAINING_RELEVANT = (
@@ -49,7 +50,7 @@ def _effective(flat: dict[str, Any]) -> dict[str, Any]:
     """Unset keys as the values they stand for (older runs saved them filled in)."""
     out = dict(flat)
     if out.get("training.max_steps") is None and out.get("training.epochs") is None:
-        out["training.epochs"] = 1.0
+        out["training.epochs"] = DEFAULT_EPOCHS
     if out.get("quantization.bits") == 4:
         out["quantization.quant_type"] = out.get("quantization.quant_type") or "nf4"
         out["quantization.double_quant"] = (
@@ -157,17 +158,17 @@ def plan_resume(recipe: Recipe, run_dir: Path, resume: str, force: bool, quiet: 
                 hint="use --resume without a path to pick the newest complete checkpoint",
             )
         return checkpoint
-    checkpoint, notes = newest_complete(run_dir)
+    newest, notes = newest_complete(run_dir)
     for note in [] if quiet else notes:
         console.note(f"resume: {note}")
-    if checkpoint is None:
+    if newest is None:
         raise UserError(
             f"--resume: no complete checkpoint in {run_dir}",
             hint="the run stopped before its first save; --overwrite starts it over",
         )
     if not quiet:
-        console.note(f"resuming from {checkpoint.name}")
-    return checkpoint
+        console.note(f"resuming from {newest.name}")
+    return newest
 
 
 def discard_abandoned(run_dir: Path, checkpoint: Path) -> list[str]:
@@ -176,13 +177,12 @@ def discard_abandoned(run_dir: Path, checkpoint: Path) -> list[str]:
     checkpoint or best adapter of the old one would otherwise be picked by the next `--resume` or
     become `adapter/`. Called once the checkpoint has loaded (DiscardAbandoned), never before: a
     checkpoint that fails to load leaves the run as it was. Returns the names removed. Rank 0 only."""
-    match = CHECKPOINT.match(checkpoint.name)
-    if match is None:
+    if CHECKPOINT.match(checkpoint.name) is None:
         return []
-    step = int(match.group(1))
+    step = step_of(checkpoint)
     removed = []
     for later in checkpoints(run_dir):
-        if later.resolve() != checkpoint.resolve() and int(CHECKPOINT.match(later.name).group(1)) > step:
+        if later.resolve() != checkpoint.resolve() and step_of(later) > step:
             shutil.rmtree(later)
             removed.append(later.name)
     best_info = run_dir / BEST_INFO

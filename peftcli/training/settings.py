@@ -1,12 +1,12 @@
-"""The `auto` settings for this training process: peftcli/speed.py decides them (without torch, so
+"""The `auto` settings for this training process: model/speed.py decides them (without torch, so
 `validate` shows the same choices); this probes the GPU the process trains on, with torch, and
 registers the attention kernel chosen, since the model is loaded with its name next."""
 
 from __future__ import annotations
 
-from peftcli.hardware import torch_has_varlen
+from peftcli.model.device import torch_has_varlen
+from peftcli.model.speed import VARLEN, Machine, Settings, decide
 from peftcli.recipe import Recipe
-from peftcli.speed import VARLEN, Machine, Settings, decide
 
 __all__ = ["Machine", "Settings", "probe", "resolve"]
 
@@ -17,7 +17,7 @@ def probe() -> Machine:
 
     if not torch.cuda.is_available():
         return Machine(cuda=False, torch_varlen=torch_has_varlen())
-    from peftcli.modeling import local_device
+    from peftcli.model.device import local_device
 
     device = local_device()
     free, _ = torch.cuda.mem_get_info(device)
@@ -34,14 +34,14 @@ def resolve(
     """The settings for this process. Without `cuda` it probes the machine (training) and registers
     the attention kernel it chose; with it, it describes that machine (tests, the bench)."""
     probed = cuda is None
-    if probed:
+    if cuda is None:
         machine = probe()
     else:
         varlen = torch_has_varlen() if torch_varlen is None else torch_varlen
         machine = Machine(cuda, capability, free_gib, varlen)
     settings = decide(recipe, machine)
     if probed and settings.attn_implementation == VARLEN:
-        from peftcli.training.attention import register
+        from peftcli.model.attention import register
 
         register()
     return settings

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -21,10 +22,10 @@ class GracefulStop(TrainerCallback):
 
     def __init__(self):
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def _request(self, signum: int, what: str, again: str) -> None:
-        from peftcli.launch import is_main_process
+        from peftcli.model.device import is_main_process
 
         self.signum = signum
         if is_main_process():
@@ -51,7 +52,7 @@ class GracefulStop(TrainerCallback):
             self._request(signal.SIGTERM, "stop requested", "press Ctrl-C again")
 
     def __enter__(self) -> GracefulStop:
-        from peftcli.launch import STOP_SIGNAL, stop_requested
+        from peftcli.training.launch import STOP_SIGNAL, stop_requested
 
         for signum in HANDLED:
             self._previous[signum] = signal.signal(signum, self._handle)
@@ -86,7 +87,7 @@ def any_process(flag: bool) -> bool:
     import torch
     import torch.distributed as dist
 
-    from peftcli.modeling import local_device
+    from peftcli.model.device import local_device
 
     value = torch.tensor([1.0 if flag else 0.0], device=local_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)

@@ -3,6 +3,7 @@ early stopping, and the loggers of `training.report_to` (TensorBoard into RUN/te
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -72,9 +73,9 @@ class EvalTracker(TrainerCallback):
         return {"best_step": self.best_step, "best_eval_loss": self.best, "stopped_early": self.stopped_early}
 
 
-def loggers(report_to: list[str], run_dir: Path) -> list:
+def loggers(report_to: Sequence[str], run_dir: Path) -> list:
     """Trainer callbacks for `training.report_to`."""
-    callbacks = []
+    callbacks: list = []
     if "tensorboard" in report_to:
         from transformers.integrations import TensorBoardCallback
 

@@ -3,7 +3,7 @@
 The data arrives already tokenized with its loss mask (`input_ids` + `labels`), so TRL does no
 templating or masking of its own; it batches, packs when asked, and trains. Packing is TRL's
 best-fit-decreasing packing into rows of max_length; what a batch looks like then follows the
-attention kernel (speed.py): one padding-free row cut by `cu_seqlens` for the varlen kernels
+attention kernel (model/speed.py): one padding-free row cut by `cu_seqlens` for the varlen kernels
 (TRL's collator), or the rows themselves with restarting position ids for sdpa (`PackedRows`), so
 sdpa's block mask stays per row instead of covering the whole batch.
 """
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from peftcli.recipe import Recipe
 
 if TYPE_CHECKING:
-    from peftcli.speed import Settings
-    from peftcli.training.stage import Prepared
+    from peftcli.model.speed import Settings
+    from peftcli.training.setup import Setup
 
 # Where to write per-step timestamps and token counts at the end of training (scripts/bench.py sets it).
 STEP_LOG_ENV = "PEFTCLI_STEP_LOG"
@@ -168,7 +168,7 @@ def sft_config(recipe: Recipe, out: Path, dtype, settings: Settings):
     return SFTConfig(
         output_dir=str(out),
         max_steps=t.max_steps or -1,
-        num_train_epochs=t.epochs or 1.0,
+        num_train_epochs=t.effective_epochs,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation,
@@ -230,7 +230,7 @@ def trainer_class():
             super().__init__(*args, **kwargs)
             token_counter.micro_batches_per_step = self.args.gradient_accumulation_steps
             if rows:  # TRL refuses a collator of ours with packing, so it is swapped in afterwards
-                self.data_collator = PackedRows(self.processing_class.pad_token_id)
+                self.data_collator = PackedRows(self.processing_class.pad_token_id)  # type: ignore[union-attr]
 
         def create_model_card(self, *args, **kwargs):
             return None
@@ -252,21 +252,21 @@ def trainer_class():
     return Trainer
 
 
-def build_trainer(recipe: Recipe, prepared: Prepared, out: Path, callbacks: list):
-    """The SFTTrainer for a prepared model and data; `trainer.token_counter` counts what it trains on."""
+def build_trainer(recipe: Recipe, setup: Setup, out: Path, callbacks: list):
+    """The SFTTrainer for a set-up model and data; `trainer.token_counter` counts what it trains on."""
     from transformers.trainer_callback import PrinterCallback
 
-    method, model, settings = prepared.method, prepared.model, prepared.settings
+    method, model, settings = setup.method, setup.model, setup.settings
     counter = TokenCounter()
     trainer = trainer_class()(
         token_counter=counter,
         fused_loss=method.fused_loss,
         rows=settings.packing and settings.packing_layout == "rows",
         model=model,
-        args=sft_config(recipe, out, prepared.dtype, settings),
-        train_dataset=as_dataset(prepared.data.train),
-        eval_dataset=as_dataset(prepared.data.eval) if prepared.data.eval else None,
-        processing_class=prepared.tokenizer,
+        args=sft_config(recipe, out, setup.dtype, settings),
+        train_dataset=as_dataset(setup.data.train),
+        eval_dataset=as_dataset(setup.data.eval) if setup.data.eval else None,
+        processing_class=setup.tokenizer,
         callbacks=[*callbacks, *method.callbacks(model), step_clock(counter)],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress bar shows the loss

@@ -1,0 +1,97 @@
+"""`peftcli eval`: base vs tuned on held-out data (evaluation/), and its tables on the terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from peftcli import console, interruption
+from peftcli.cli._options import RunArg
+from peftcli.errors import UserError
+
+
+def evaluate(
+    run: RunArg,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Evaluate on this file instead of the run's eval data.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.")] = 8,
+    generate: Annotated[bool, typer.Option("--generate", help="Also generate completions and score them.")] = False,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", min=1, help="Generation length (eval section).")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", min=0, help="0 = greedy (eval section).")
+    ] = None,
+    num_samples: Annotated[
+        int | None, typer.Option("--num-samples", min=1, help="Samples per prompt (eval section).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Generate for at most N eval prompts.")] = None,
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="General text to measure forgetting on.")
+    ] = None,
+) -> None:
+    """Base vs tuned on held-out data: loss, perplexity, token accuracy; generation scores; forgetting.
+
+    [dim]Example: peftcli eval runs/demo --generate --max-new-tokens 16[/]
+    """
+    from peftcli.evaluation.evaluate import GenerateOptions, run_eval
+    from peftcli.rundir import open_run
+
+    options = None
+    if generate:
+        defaults = open_run(run).recipe().eval
+        options = GenerateOptions(
+            max_new_tokens=max_new_tokens or defaults.max_new_tokens,
+            temperature=defaults.temperature if temperature is None else temperature,
+            num_samples=num_samples or defaults.num_samples,
+            limit=limit,
+        )
+    elif any(v is not None for v in (max_new_tokens, temperature, num_samples, limit)):
+        raise UserError("--max-new-tokens, --temperature, --num-samples and --limit apply with --generate")
+    with interruption.saving(f"the eval results were not written ({run / 'eval.json'} is as it was)"):
+        result = run_eval(
+            run,
+            data_path=data,
+            batch_size=batch_size,
+            generate=options,
+            reference=str(reference.resolve()) if reference else None,
+        )
+    print_tables(result, console.out)
+
+
+def print_tables(result, console) -> None:
+    """The eval figures on the terminal: base, tuned and the change, coloured by better or worse."""
+    from rich.table import Table
+
+    from peftcli.rundir import EVAL, EVAL_MD, EVAL_PLOT
+    from peftcli.rundir.eval_report import GEN_ROWS, LOSS_ROWS, rows_of
+
+    def table(title: str, base, tuned, rows) -> Table:
+        view = Table(title=title)
+        view.add_column("metric")
+        for column in ("base", "tuned", "change"):
+            view.add_column(column, justify="right")
+        for key, b, t, change, better in rows_of(base, tuned, rows):
+            colour = {True: "green", False: "red", None: "white"}[better]
+            view.add_row(key, b, t, f"[{colour}]{change}[/]")
+        return view
+
+    title = f"base vs tuned on {result.examples} examples ({result.base.tokens:,} tokens)"
+    console.print(table(title, result.base, result.tuned, LOSS_ROWS))
+    if result.generation:
+        gen = result.generation
+        console.print(table(f"generation on {gen.examples} prompts", gen.base, gen.tuned, GEN_ROWS))
+    if result.forgetting:
+        f = result.forgetting
+        flag = "  [red]above the threshold[/]" if f.flagged else ""
+        console.print(
+            f"forgetting on {Path(f.reference).name}: perplexity {f.base_perplexity:.3f} -> "
+            f"{f.tuned_perplexity:.3f} ({f.forgetting_percent:+.2f} %, threshold {f.threshold_percent:g} %){flag}"
+        )
+    console.print(
+        f"written to {Path(result.run) / EVAL} (and {EVAL_MD}, {EVAL_PLOT}"
+        + (", predictions.jsonl)" if result.generation else ")")
+    )

@@ -1,0 +1,144 @@
+"""`peftcli generate`: one base model, several adapters switched per prompt (evaluation/adapters.py);
+prompts from the command line, a file, or an interactive chat."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from peftcli import console
+from peftcli.errors import UserError
+
+if TYPE_CHECKING:
+    from peftcli.evaluation.adapters import Session
+
+
+def generate(
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="NAME=RUN: attach a run's adapter (repeatable).", metavar="NAME=RUN"),
+    ] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model (default: the first adapter's base).")] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="One prompt, answered by every adapter in turn.")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="File: a prompt per line (or JSON {prompt, adapter}).")
+    ] = None,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="Chat; /adapter NAME, /base switch.")
+    ] = False,
+    system: Annotated[str | None, typer.Option("--system", help="System message for chat templates.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0, help="0 = greedy.")] = 0.0,
+) -> None:
+    """Generate with a base model and several adapters, switching per prompt without reloading.
+
+    [dim]Example: peftcli generate --adapter demo=runs/demo --prompt "What comes after Monday?"[/]
+    """
+    from peftcli.evaluation.adapters import Session, parse_adapters
+
+    chosen = sum(x is not None and x is not False for x in (prompt, prompts, interactive or None))
+    if chosen != 1:
+        raise UserError("give exactly one of --prompt TEXT, --prompts FILE or --interactive")
+    session = Session(base, parse_adapters(adapter or []))
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+    names = list(session.adapters)
+    if interactive:
+        chat(session, system, **options)
+    elif prompts is not None:
+        run_prompts(session, read_prompts(prompts, names), system, **options)
+    else:
+        assert prompt is not None  # exactly one of the three was given
+        run_prompts(session, [(prompt, n) for n in _every_adapter(names)], system, **options)
+
+
+def _every_adapter(names: list[str]) -> list[str | None]:
+    """Every adapter by name, or the base alone (None) when there is none."""
+    return [*names] if names else [None]
+
+
+def read_prompts(path: Path, names: list[str]) -> list[tuple[str, str | None]]:
+    """(prompt, adapter) pairs: a plain line goes to every adapter, a JSON line may name one."""
+    from peftcli.evaluation.adapters import BASE
+
+    if not path.is_file():
+        raise UserError(f"--prompts {path}: no such file")
+    pairs: list[tuple[str, str | None]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"--prompts {path.name} line {number}: invalid JSON ({exc.msg})") from None
+            text, target = row.get("prompt"), row.get("adapter")
+            if not isinstance(text, str):
+                raise UserError(f"--prompts {path.name} line {number}: needs a 'prompt' string")
+            if target is not None and target not in names and target != BASE:
+                raise UserError(
+                    f"--prompts {path.name} line {number}: unknown adapter {target!r}",
+                    hint=f"adapters: {', '.join(names)} (or {BASE})",
+                )
+            chosen = [None if target == BASE else target] if target else _every_adapter(names)
+            pairs += [(text, n) for n in chosen]
+        else:
+            pairs += [(line, n) for n in _every_adapter(names)]
+    return pairs
+
+
+def run_prompts(session: Session, pairs: list[tuple[str, str | None]], system: str | None, **options) -> None:
+    from peftcli.evaluation.adapters import BASE
+
+    for text, adapter in pairs:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        console.err.print(f"\n[{adapter or BASE}] {text}", markup=False, style="bold")
+        session.reply(adapter, messages, stream=True, **options)
+
+
+HELP = "commands: /adapter NAME, /base, /adapters, /reset, /quit"
+
+
+def chat(session: Session, system: str | None, **options) -> None:
+    from peftcli.evaluation.adapters import BASE
+
+    adapter = next(iter(session.adapters), None)
+    history: list[dict] = []
+    console.err.print(f"chatting with {adapter or BASE}; {HELP}", markup=False)
+    while True:
+        try:
+            line = input(f"{adapter or BASE}> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        command, _, argument = line.strip().partition(" ")
+        if command in ("/quit", "/exit"):
+            return
+        if command == "/adapter":
+            if argument not in session.adapters:
+                console.err.print(f"no adapter {argument!r}; adapters: {', '.join(session.adapters)}", markup=False)
+                continue
+            adapter = argument
+        elif command == "/base":
+            adapter = None
+        elif command == "/adapters":
+            console.err.print(", ".join(session.adapters) or "(none)", markup=False)
+        elif command == "/reset":
+            history = []
+        elif command.startswith("/"):
+            console.err.print(HELP, markup=False)
+        elif line.strip():
+            history.append({"role": "user", "content": line})
+            system_turn = [{"role": "system", "content": system}] if system else []
+            history.append(
+                {"role": "assistant", "content": session.reply(adapter, system_turn + history, stream=True, **options)}
+            )
+            continue
+        else:
+            continue
+        console.err.print(f"now using {adapter or BASE}", markup=False)

@@ -1,0 +1,1 @@
+"""Base vs tuned, and generation with several adapters on one base."""

@@ -1,0 +1,124 @@
+"""`peftcli generate`: one base model, several adapters, switched per prompt without reloading.
+
+    peftcli generate --base MODEL --adapter support=runs/a --adapter sales=runs/b --prompt "Hello"
+    peftcli generate --adapter a=runs/a --prompts prompts.jsonl
+    peftcli generate --adapter a=runs/a --adapter b=runs/b --interactive
+
+The base is loaded once; every adapter is attached to it with PEFT's `load_adapter` and selected
+with `set_adapter` (or switched off for `base`). Each adapter renders prompts with the chat
+template it was trained with and stops at that template's end-of-turn token. Output streams to
+the terminal token by token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftcli import console
+from peftcli.errors import UserError
+from peftcli.evaluation.generation import Prompt, active, generate, render_prompt
+from peftcli.methods import method_of
+from peftcli.model.checks import check_model_source
+from peftcli.model.load import adapter_mismatch, is_shape_mismatch, load_model, load_tokenizer, quiet_libraries
+from peftcli.recipe import ModelSection
+from peftcli.rundir import open_run
+
+BASE = "base"
+
+
+@dataclass
+class Adapter:
+    name: str
+    run: Path
+    tokenizer: object
+    chat: bool  # trained on chat-formatted data (else on raw prompt/completion text)
+
+
+def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
+    parsed, seen = [], set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--adapter {spec!r}: expected NAME=RUN, e.g. --adapter support=runs/support")
+        if "." in name or name == BASE or name in seen:
+            raise UserError(f"--adapter {spec!r}: names must be unique, not '{BASE}', and contain no '.'")
+        seen.add(name)
+        parsed.append((name, Path(path)))
+    return parsed
+
+
+class Session:
+    """The base model with its adapters attached, and the tokenizer each one uses."""
+
+    def __init__(self, base: str | None, adapters: list[tuple[str, Path]]):
+        from peft import PeftModel
+
+        runs = [(name, open_run(path)) for name, path in adapters]
+        recipes = [run.recipe() for _, run in runs]
+        if len({r.model.name for r in recipes}) > 1 and not base:
+            listed = ", ".join(f"{name}: {r.model.name}" for (name, _), r in zip(runs, recipes))
+            raise UserError(
+                f"the adapters were trained on different bases ({listed})",
+                hint="give --base, and only adapters trained on it",
+            )
+        methods = [method_of(r.peft) for r in recipes]
+        if len({m.attach_group or m.name for m in methods}) > 1:
+            raise UserError(
+                "these adapters use different methods, which PEFT cannot attach to one base together",
+                hint="run one `peftcli generate` per method",
+            )
+        for (name, _), recipe, method in zip(runs, recipes, methods):
+            if method.saves_full_model:
+                raise UserError(
+                    f"--adapter {name}: that run trained the whole model (method "
+                    f"{recipe.peft.method}); load its model/ folder as --base instead"
+                )
+        quantization = recipes[0].quantization if recipes else None
+        if len({(r.quantization.describe() if r.quantization else None) for r in recipes}) > 1:
+            quantization = None  # adapters trained on differently quantized bases: use full precision
+        first = recipes[0].model if recipes else None
+        # --base is typed on the command line: a path relative to the current directory, or a hub id.
+        base = str(Path(base).resolve()) if base and Path(base).exists() else base
+        model_section = ModelSection(name=base) if base else first
+        if model_section is None:
+            raise UserError("give --base MODEL, or at least one --adapter NAME=RUN")
+        for (name, _), recipe in zip(runs, recipes):
+            if base and recipe.model.name != base:
+                console.warn(f"adapter {name} was trained on {recipe.model.name}, not on --base {base}")
+        check_model_source(model_section)
+        quiet_libraries()
+        with console.err.status(f"loading {model_section.name}"):
+            self.model = load_model(model_section, quantization)
+        self.base_tokenizer = load_tokenizer(model_section)
+        self.adapters: dict[str, Adapter] = {}
+        for (name, run), recipe in zip(runs, recipes):
+            try:
+                if not self.adapters:
+                    self.model = PeftModel.from_pretrained(self.model, str(run.adapter), adapter_name=name)
+                else:
+                    self.model.load_adapter(str(run.adapter), adapter_name=name)
+            except Exception as exc:  # noqa: BLE001 - torch and peft phrase a mismatch in several types
+                if is_shape_mismatch(exc):
+                    raise adapter_mismatch(f"{name} ({run.adapter})", model_section.name, exc) from None
+                raise
+            tokenizer = load_tokenizer(recipe.model, path=str(run.adapter))
+            chat = (run.metrics().get("data") or {}).get("chat_template") is not None
+            self.adapters[name] = Adapter(name, run.path, tokenizer, chat)
+        self.model.eval()
+
+    def tokenizer_for(self, adapter: str | None):
+        return self.adapters[adapter].tokenizer if adapter else self.base_tokenizer
+
+    def prompt(self, adapter: str | None, messages: list[dict]) -> Prompt:
+        tokenizer = self.tokenizer_for(adapter)
+        chat = self.adapters[adapter].chat if adapter else bool(tokenizer.chat_template)
+        return Prompt(render_prompt(tokenizer, messages, chat), messages[-1]["content"], None, chat)
+
+    def reply(self, adapter: str | None, messages: list[dict], stream: bool, **options) -> str:
+        from transformers import TextStreamer
+
+        tokenizer = self.tokenizer_for(adapter)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        with active(self.model, adapter) as model:
+            return generate(model, tokenizer, [self.prompt(adapter, messages)], streamer=streamer, **options)[0][0]

@@ -1,0 +1,1 @@
+"""Artifacts that leave the run: merged models and combined adapters, verified."""

@@ -1,0 +1,189 @@
+"""Loading the tokenizer and the base model: dtype, device, optional bitsandbytes quantization.
+
+This is the only peftcli module that builds a `BitsAndBytesConfig`. Every failure a user can cause here
+(a path that does not exist, a folder without config.json, code that needs trust_remote_code,
+bitsandbytes that cannot run) becomes a one-line UserError before any weight is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from peftcli.errors import UserError
+from peftcli.model.checks import check_quantization
+from peftcli.model.device import compute_dtype, local_device, sharded_launch
+from peftcli.recipe import ModelSection, QuantizationSection
+
+
+def quiet_libraries() -> None:
+    """Silence third-party start-up chatter that says nothing actionable to our users."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "failed to load CPU gemm kernel", etc.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL and the hub client report usage otherwise
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()  # "Truncating train dataset" bars for work that takes milliseconds
+
+
+def _hub_error(what: str, name: str, exc: Exception) -> UserError:
+    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    if "trust_remote_code" in str(exc):
+        return UserError(
+            f"{what}: {name} ships its own model code, which runs only with model.trust_remote_code: true",
+            hint="read that code first; then set model.trust_remote_code: true",
+        )
+    return UserError(
+        f"{what}: cannot load '{name}': {text[:240]}",
+        hint="a local folder needs config.json + weights; a hub id needs network access (and HF_TOKEN if gated); "
+        "without network, set HF_HUB_OFFLINE=1 so hub ids fail at once instead of after retries",
+    )
+
+
+def load_tokenizer(model: ModelSection, path: str | None = None):
+    """The tokenizer, with a pad token guaranteed (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    name = path or model.tokenizer or model.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad source
+        raise _hub_error("model.tokenizer" if model.tokenizer else "model.name", name, exc) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"tokenizer of {name} is not a fast tokenizer; loss masks need token offsets")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer of {name} has neither a pad nor an EOS token")
+        # Padding never carries loss (labels are -100 there), so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bnb_config(quant: QuantizationSection, dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    import torch
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.effective_quant_type,
+        bnb_4bit_use_double_quant=quant.effective_double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=getattr(torch, quant.storage_dtype or "uint8"),
+    )
+
+
+def load_model(model: ModelSection, quant: QuantizationSection | None = None, dtype=None, attn: str | None = None):
+    """The base model in its compute dtype, quantized when `quant` is given, on this process's GPU if
+    there is one. `attn` overrides `model.attn_implementation` (training resolves `auto` to a kernel)."""
+    from transformers import AutoModelForCausalLM
+
+    check_quantization(quant)
+    dtype = dtype or compute_dtype(model.dtype)
+    device = local_device()
+    # use_safetensors: never fall back to pickled weights (torch.load), even from the hub.
+    kwargs = dict(dtype=dtype, revision=model.revision, trust_remote_code=model.trust_remote_code, use_safetensors=True)
+    attn = attn or (model.attn_implementation if model.attn_implementation != "auto" else None)
+    if attn == "peftcli_varlen":  # our kernel: transformers knows it once registered
+        from peftcli.model.attention import register
+
+        register()
+    if attn:
+        kwargs["attn_implementation"] = attn
+    sharded = sharded_launch()
+    if quant is not None:
+        kwargs["quantization_config"] = bnb_config(quant, dtype)
+        if device.type == "cuda" and not sharded:
+            kwargs["device_map"] = {"": device.index}
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model.name, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_error("model.name", model.name, exc) from None
+    if quant is None and device.type == "cuda" and not sharded:
+        loaded = loaded.to(device)
+    return loaded
+
+
+def count_params(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights are counted at their unpacked size, as peft does."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def is_shape_mismatch(exc: BaseException) -> bool:
+    """Tensors (or optimizer groups) saved for another model than the one loaded (torch's wording)."""
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, ValueError, KeyError)) and (
+        "size mismatch" in text or "doesn't match the size" in text or "Missing key" in text
+    )
+
+
+def adapter_mismatch(adapter: str, base: str, exc: BaseException) -> UserError:
+    detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+    return UserError(
+        f"the adapter {adapter} does not fit the base {base}: {detail[:240]}",
+        hint="an adapter loads only on the base it was trained on (same architecture and sizes); was the model "
+        "folder replaced, or the adapter trained on another base?",
+    )
+
+
+def prepare_for_training(model, quant: QuantizationSection | None, gradient_checkpointing: bool):
+    """k-bit preparation for quantized bases (norms in fp32, input grads enabled)."""
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.config.use_cache = False  # the KV cache is useless (and wasteful) while training
+    return model
+
+
+def trainable_share(model_path: str) -> dict[str, str]:
+    """Trainable parameters (and % of all) per method on the model at `model_path`, on the meta
+    device: no weight is read or allocated."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftcli.errors import UserError
+    from peftcli.methods import REGISTRY, MethodContext
+
+    quiet_libraries()
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except Exception as exc:  # noqa: BLE001 - anything that is not a loadable config
+        raise UserError(f"--model {model_path}: cannot read a model config ({exc.__class__.__name__})") from None
+    shares: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        ctx = MethodContext(model_path, total_steps=1000, scratch_dir=Path(scratch))
+        for name, method in REGISTRY.items():
+            if method.model_types is not None and config.model_type not in method.model_types:
+                shares[name] = f"n/a ({config.model_type})"
+                continue
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            spec = method.spec.model_validate({"method": name})
+            try:
+                trainable, total = count_params(method.apply(spec, model, ctx))
+            except UserError as exc:
+                shares[name] = f"n/a ({exc.message})"
+                continue
+            shares[name] = f"{trainable:,} ({100 * trainable / total:.3f} %)"
+    return shares

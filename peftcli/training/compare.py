@@ -1,0 +1,276 @@
+"""`peftcli compare RECIPE --methods lora,dora,ia3,...`: the same recipe once per method — same
+data, seed and steps — and one table to choose from: trainable parameters, adapter size on disk,
+peak memory, tokens/s, wall time, final train loss, eval loss.
+
+Each method trains in its own process (`peftcli train`), so peak memory is that method's alone and
+one method failing does not stop the others.
+
+Before anything trains or is written, every method is put through the checks `peftcli validate`
+runs (the recipe with that method, then the model folder, context length and architecture): a method
+that cannot run on this recipe stops the command with exit code 2, naming the method. A method that
+still fails while training keeps its `failed` row in the reports, which are written as usual; the
+command then names the failed methods and exits 2 if every failure was a user error, else 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from peftcli import console
+from peftcli.errors import EXIT_BUG, EXIT_USER, ReportedError, UserError
+from peftcli.methods import REGISTRY
+from peftcli.model.checks import check_environment
+from peftcli.recipe import Recipe, recipe_to_yaml
+from peftcli.recipe.load import RawRecipe, validate
+from peftcli.rundir import (
+    MARKER,
+    artifact_dir,
+    atomic_save_figure,
+    atomic_write_json,
+    atomic_write_text,
+    check_replaceable,
+    read_marker,
+    remove_owned,
+)
+from peftcli.rundir.lock import RunLock
+
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("trainable params", "trainable_params", "{:,}"),
+    ("trainable %", "trainable_percent", "{:.3f}"),
+    ("size on disk (MiB)", "artifact_mb", "{:.3f}"),
+    ("peak memory (MiB)", "peak_memory_mb", "{:,.0f}"),
+    ("tokens/s", "train_tokens_per_s", "{:,.0f}"),
+    ("wall time (s)", "wall_s", "{:.1f}"),
+    ("final train loss", "train_loss", "{:.4f}"),
+    ("eval loss", "eval_loss", "{:.4f}"),
+)
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in REGISTRY]
+    if unknown:
+        raise UserError(f"--methods: unknown method(s) {', '.join(unknown)}", hint=f"methods: {', '.join(REGISTRY)}")
+    if len(set(names)) != len(names) or not names:
+        raise UserError("--methods: give each method once, e.g. --methods lora,dora,ia3")
+    return names
+
+
+def variant(recipe: Recipe, method: str, out: Path) -> Recipe:
+    """The recipe with another method: its own peft section if it already uses that method, else defaults."""
+    data = recipe.model_dump(mode="json")
+    if recipe.peft.method != method:
+        data["peft"] = {"method": method}
+    data["output"]["dir"] = str(out / method)
+    # e.g. a quantized recipe with a method that cannot train on a quantized base
+    return validate(RawRecipe(data=data, path=Path(f"--methods {method}")))
+
+
+def check_methods(recipe: Recipe, methods: list[str], out: Path) -> dict[str, Recipe]:
+    """Each method's recipe, after the checks `peftcli validate` runs (no weights, no torch): every
+    refusal happens here, before anything trains or is written."""
+    variants: dict[str, Recipe] = {}
+    refused: dict[str, UserError] = {}
+    for method in methods:
+        try:
+            variants[method] = variant(recipe, method, out)
+            check_environment(variants[method], deep=False)
+        except UserError as exc:
+            refused[method] = exc
+    if not refused:
+        return variants
+    reasons = {method: exc.message.removeprefix(f"--methods {method}: ") for method, exc in refused.items()}
+    first = next(iter(refused))
+    if len(methods) > 1 and len(refused) == len(methods) and len(set(reasons.values())) == 1:
+        raise UserError(reasons[first], hint=refused[first].hint)  # the recipe itself, not one method
+    others = [m for m in refused if m != first]
+    hint = "; ".join(filter(None, [refused[first].hint, f"also refused: {', '.join(others)}" if others else None]))
+    raise UserError(f"--methods {first}: {reasons[first]}", hint=hint or f"drop {first} from --methods")
+
+
+class MethodsFailed(ReportedError):
+    """Some methods failed while training: the reports are written, the exit code says so."""
+
+    def __init__(self, message: str, hint: str, exit_code: int):
+        super().__init__(message, hint)
+        self.exit_code = exit_code
+
+
+COMPARE_KIND = "compare"
+OUTPUTS = ("compare.json", "compare.md", "compare.png", MARKER)
+
+
+def _owned_by(out: Path):
+    """What a comparison folder holds of peftcli's: its reports, and a recipe and run per method."""
+    methods = [m for m in (read_marker(out) or {}).get("methods") or [] if isinstance(m, str)]
+    names = set(OUTPUTS) | {f"{m}.yaml" for m in methods} | set(methods)
+    return lambda name: name in names
+
+
+def _artifact_mb(run_dir: Path, method: str) -> float:
+    folder = artifact_dir(run_dir, REGISTRY[method])
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+
+
+def _run_one(recipe_file: Path, run_dir: Path, method: str) -> dict:
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftcli", "train", str(recipe_file), "--overwrite"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        return {
+            "status": "failed",
+            "error": errors[0] if errors else proc.stderr.strip()[-300:],
+            "exit_code": proc.returncode,
+            "wall_s": wall,
+        }
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    keep = (
+        "trainable_params",
+        "total_params",
+        "trainable_percent",
+        "peak_memory_mb",
+        "train_tokens_per_s",
+        "train_runtime_s",
+        "train_loss",
+        "eval_loss",
+        "loss_history",
+        "device",
+    )
+    return {
+        "status": "completed",
+        "wall_s": wall,
+        "artifact_mb": _artifact_mb(run_dir, method),
+        **{k: metrics.get(k) for k in keep},
+    }
+
+
+def _run_guarded(recipe_file: Path, run_dir: Path, method: str) -> dict:
+    """`_run_one`, with anything it raises (say, unreadable metrics) recorded as that method's failure."""
+    started = time.perf_counter()
+    try:
+        return _run_one(recipe_file, run_dir, method)
+    except ReportedError as exc:
+        error, code = f"error: {exc.message}", exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - one method's failure must not lose the others' results
+        error, code = f"error: unexpected {exc.__class__.__name__}: {exc}", EXIT_BUG
+    return {"status": "failed", "error": error, "exit_code": code, "wall_s": time.perf_counter() - started}
+
+
+def _cell(value, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        if row["status"] != "completed":
+            error = row["error"].replace("|", "\\|")
+            lines.append(f"| {row['method']} | failed: {error} |" + " |" * (len(COLUMNS) - 2))
+            continue
+        lines.append("| " + " | ".join(_cell(row.get(key), fmt) for _, key, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["status"] == "completed"]
+    panels = [
+        ("trainable params", "trainable_params", True),
+        ("eval loss", "eval_loss", False),
+        ("tokens/s", "train_tokens_per_s", False),
+        ("peak memory (MiB)", "peak_memory_mb", False),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=100)
+    for ax, (title, key, log) in zip(axes, panels):
+        values = [r.get(key) or 0 for r in done]
+        ax.bar([r["method"] for r in done], values, color="#4c72b0")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=45)
+        if log and any(values):
+            ax.set_yscale("log")
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+
+
+def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool = False) -> list[dict]:
+    variants = check_methods(recipe, methods, out)  # every refusal before any training or writing
+    check_replaceable(out, overwrite, "--out", (COMPARE_KIND,), flag="--overwrite", owns=_owned_by(out))
+    if out.exists() and overwrite:
+        remove_owned(out, _owned_by(out))
+    out.mkdir(parents=True, exist_ok=True)
+    # marks the folder as a comparison from the start, so a later --overwrite may replace it
+    atomic_write_json(out / MARKER, {"kind": COMPARE_KIND, "methods": methods})
+    atomic_write_json(out / "compare.json", {"methods": methods, "status": "running"})
+    with RunLock(out):  # one comparison at a time in this folder
+        return _compare(recipe, methods, variants, out)
+
+
+def _compare(recipe: Recipe, methods: list[str], variants: dict[str, Recipe], out: Path) -> list[dict]:
+    rows = []
+    for index, (method, recipe_variant) in enumerate(variants.items(), start=1):
+        recipe_file = out / f"{method}.yaml"
+        atomic_write_text(recipe_file, recipe_to_yaml(recipe_variant))
+        with console.err.status(f"[{index}/{len(methods)}] training with {method}"):
+            row = {"method": method, **_run_guarded(recipe_file, out / method, method)}
+        rows.append(row)
+        verdict = (
+            f"train loss {_cell(row.get('train_loss'), '{:.4f}')}, eval loss {_cell(row.get('eval_loss'), '{:.4f}')}"
+            if row["status"] == "completed"
+            else row["error"]
+        )
+        console.err.print(f"[{index}/{len(methods)}] {method}: {verdict} ({row['wall_s']:.1f} s)", markup=False)
+
+    t = recipe.training
+    failed = [r["method"] for r in rows if r["status"] != "completed"]
+    summary = {"recipe": yaml.safe_load(recipe_to_yaml(recipe)), "methods": methods, "failed": failed, "rows": rows}
+    atomic_write_json(out / "compare.json", summary)
+    plot(rows, out / "compare.png")
+    length = t.describe_length()
+    device = next((r["device"] for r in rows if r.get("device")), "?")
+    text = "\n".join(
+        [
+            f"# Method comparison on `{recipe.model.name}`",
+            "",
+            f"Same data, seed ({t.seed}) and length ({length}, batch {t.batch_size} x {t.gradient_accumulation}) for "
+            f"every method; each trained in its own process. Device: {device}.",
+            "Peak memory is CUDA memory allocated on a GPU, the process's resident memory on CPU.",
+            "",
+            markdown_table(rows),
+            "",
+            "![comparison](compare.png)",
+            "",
+            f"Each method's run directory (adapter, metrics, report) is in `{out}/<method>/`, its recipe in "
+            f"`{out}/<method>.yaml`.",
+            "",
+        ]
+    )
+    atomic_write_text(out / "compare.md", text)
+    console.out.print(markdown_table(rows), markup=False)
+    console.out.print(f"written to {out / 'compare.md'} (+ compare.json, compare.png)")
+    if failed:
+        user = all(r.get("exit_code") == EXIT_USER for r in rows if r["status"] != "completed")
+        raise MethodsFailed(
+            f"{len(failed)} of {len(rows)} methods failed: {', '.join(failed)}",
+            hint=f"each failure's reason is in its row of {out / 'compare.md'}; "
+            f"rerun one with `peftcli train {out}/<method>.yaml --overwrite` to see its full output",
+            exit_code=EXIT_USER if user else EXIT_BUG,
+        )
+    return rows
