@@ -339,10 +339,6 @@ CASES: dict[str, tuple[Setup, tuple[str, ...]]] = {
         _data_file("d.jsonl", f'{FIRST_ROW}\n{{"text": {"7" * 5000}}}\n'),
         ("d.jsonl line 2", "cannot read a number"),
     ),
-    ".json holding one object": (
-        _data_file("d.json", '{"prompt": "a", "completion": "b"}'),
-        ("d.json: a single JSON object; expected a list of records or JSON Lines",),
-    ),
     "data file is a FIFO": (_data_file("d.jsonl", _fifo), ("data.train", "d.jsonl is a FIFO (named pipe)")),
     "data file is /dev/zero": (
         _train_with(data={"train": "/dev/zero"}),

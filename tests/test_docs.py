@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from helpers import ROOT
+from helpers import DEMO_TRAIN, ROOT
 
 DOCS = ROOT / "docs"
 
@@ -46,6 +46,8 @@ def test_readme_recipe_validates(tmp_path, cli):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     recipe = re.search(r"## One recipe\n\n```yaml\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "recipe.yaml").write_text(recipe, encoding="utf-8")
+    (tmp_path / "data").mkdir()  # validate reads the data: the recipe's file must exist
+    (tmp_path / "data" / "train.jsonl").write_text(DEMO_TRAIN.read_text(encoding="utf-8"), encoding="utf-8")
     result = cli("validate", tmp_path / "recipe.yaml")
     assert result.code == 0, result.err
 

@@ -138,13 +138,13 @@ def test_a_row_nested_too_deeply_is_a_skippable_bad_row(tmp_path, tokenizer, suf
     assert origins == ["d.jsonl line 2"] if suffix == "jsonl" else ["d.json record 2 (line 2)"]
 
 
-def test_a_json_file_of_one_conversation_is_not_taken_for_columns(tmp_path, tokenizer):
+def test_a_json_file_of_one_conversation_is_one_example_not_columns(tmp_path, tokenizer):
     path = tmp_path / "d.json"
     path.write_text(
         json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})
     )
-    with pytest.raises(UserError, match="a single JSON object"):
-        prepare_data(DataSection(train=str(path)), tokenizer, seed=0)
+    prepared = prepare_data(DataSection(train=str(path)), tokenizer, seed=0)
+    assert [e.origin for e in prepared.train] == ["d.json (its one object)"]
 
 
 def test_a_csv_cell_longer_than_the_csv_module_default(tmp_path, tokenizer):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, base_recipe, read_json, write_recipe
+from helpers import DEMO_TRAIN, ROOT, base_recipe, read_json, write_recipe
 
 from peftcli.recipe import load_recipe
 
@@ -51,14 +51,37 @@ def test_front_end_commands_never_import_torch(command, tmp_path, tiny_model):
     assert result.returncode == 0, (result.returncode, result.stderr[-500:])
 
 
-@pytest.mark.slow
-def test_help_returns_in_under_half_a_second():
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "peftcli", "--help"], capture_output=True, check=True)
-        times.append(time.perf_counter() - started)
-    assert min(times) < 0.5, times
+HEAVY = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "numpy",
+    "pyarrow",
+    "matplotlib",
+    "pydantic",
+    "yaml",
+)
+
+
+def test_help_imports_only_the_command_line():
+    """`peftcli --help` is fast because of what it does not import (counted, not timed: a wall-clock
+    threshold fails on a busy machine)."""
+    code = (
+        "import sys\nfrom peftcli.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = result.stdout.split()
+    assert not [m for m in loaded if m.split(".")[0] in HEAVY]
+    # The cli package, what reports errors, and the launcher's stop recorder (stdlib only), installed
+    # first thing so that a stop request during start-up is kept.
+    light = {"peftcli.console", "peftcli.errors", "peftcli.interruption", "peftcli.training", "peftcli.training.launch"}
+    ours = {m for m in loaded if m.startswith("peftcli.") and not m.startswith("peftcli.cli")}
+    assert ours <= light, ours - light
 
 
 def _meta_model(config: dict):
@@ -107,7 +130,7 @@ def test_fit_estimate_for_8b_qlora_and_validate_prints_it(tmp_path, cli):
         {
             "model": {"name": str(tmp_path / "m")},
             "quantization": {"bits": 4},
-            "data": {"train": "x.jsonl", "max_length": 2048},
+            "data": {"train": str(DEMO_TRAIN), "max_length": 2048},  # validate reads it
             "peft": {"method": "lora", "r": 16},
             "training": {"batch_size": 1, "gradient_checkpointing": True},
         },
@@ -344,9 +367,7 @@ def test_ddp_interrupt_and_resume(tmp_path, tiny_model):
     import os
     import signal
 
-    recipe = base_recipe(
-        tiny_model, tmp_path / "run", training={"max_steps": 120, "batch_size": 8, "save_steps": 10000}
-    )
+    recipe = base_recipe(tiny_model, tmp_path / "run", training={"max_steps": 48, "batch_size": 8, "save_steps": 10000})
     path = write_recipe(tmp_path / "r.yaml", recipe)
     process = subprocess.Popen(
         [sys.executable, "-m", "peftcli", "train", str(path), "--num-processes", "2"],
@@ -371,7 +392,7 @@ def test_ddp_interrupt_and_resume(tmp_path, tiny_model):
     metrics = read_json(tmp_path / "run" / "metrics.json")
     step = metrics["steps"]
     assert metrics["status"] == "interrupted" and checkpoints[0].name == f"checkpoint-{step}"
-    assert step < 120
+    assert step < 48
     resumed = subprocess.run(
         [sys.executable, "-m", "peftcli", "train", str(path), "--num-processes", "2", "--resume"],
         capture_output=True,
@@ -379,7 +400,7 @@ def test_ddp_interrupt_and_resume(tmp_path, tiny_model):
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert read_json(tmp_path / "run" / "metrics.json")["steps"] == 120
+    assert read_json(tmp_path / "run" / "metrics.json")["steps"] == 48
 
 
 def test_steady_state_leaves_the_warm_up_steps_out():

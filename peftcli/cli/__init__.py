@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from peftcli import console, interruption
-from peftcli.cli import compare, data, evaluate, generate, init, merge, methods, schema, train, validate
+from peftcli.cli import compare, convert, data, evaluate, generate, init, merge, methods, schema, train, validate
 from peftcli.errors import EXIT_BUG, EXIT_USER, ReportedError
 
 app = typer.Typer(
@@ -39,6 +39,7 @@ app.command("generate")(generate.generate)
 app.command("init")(init.init)
 app.command("schema")(schema.schema)
 app.add_typer(data.data_app, name="data")
+app.add_typer(convert.convert_app, name="convert")
 app.command("methods")(methods.methods)
 
 

@@ -69,7 +69,9 @@ def methods(
     model: Annotated[
         str | None, typer.Option("--model", help="Model folder (or hub id): show each method's trainable share.")
     ] = None,
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (as in docs/methods.md).")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print a Markdown table (as in docs/methods.md).")
+    ] = False,
 ) -> None:
     """List every PEFT method: its keys and defaults, mergeable or not, quantized base or not.
 

@@ -22,10 +22,33 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
     resolved = load(recipe, set_)
     check_environment(resolved, deep=False)  # the model folder, tokenizer, context length, ...: no torch
+    data = data_lines(resolved)  # every row read and checked, as training will: still no torch
     console.out.print(recipe_to_yaml(resolved), markup=False)
-    for line in describe_recipe(resolved):
+    for line in [*describe_recipe(resolved), *data]:
         console.err.print(line, markup=False)
     console.err.print("recipe is valid", style="green")
+
+
+def data_lines(recipe: Recipe) -> list[str]:
+    """Read every local data source as `train` will (files, format, rows, the first bad row, the
+    columns ignored), without tokenizing; hub datasets are read when training."""
+    import os
+
+    from peftcli.data.pipeline import read_examples
+
+    lines = []
+    for key, sources in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval or [])):
+        for i, source in enumerate(sources):
+            where = key if len(sources) == 1 else f"{key}[{i}]"
+            if not os.path.isabs(source.path):
+                lines.append(f"{where}: hub dataset {source.path} (read when training)")
+                continue
+            read = read_examples([source], recipe.data, where)
+            formats = ", ".join(f"{fmt}" for fmt in read.stats.formats)
+            rows = sum(len(examples) for examples in read.per_source)
+            skipped = f"; {read.stats.skipped} bad rows skipped (data.bad_rows: skip)" if read.stats.skipped else ""
+            lines.append(f"{where}: {rows:,} rows, format {formats}{skipped}")
+    return lines
 
 
 def describe_recipe(recipe: Recipe) -> list[str]:

@@ -5,10 +5,11 @@ tokenizer's offsets. This works for any chat template (built-in or the model's o
 `{% generation %}` markers, and it tokenizes the whole conversation at once, exactly as inference
 will, so no token is split differently at a turn boundary.
 
-What is trained, per `data.train_on`:
-- completions: each assistant reply (or the completion / alpaca output) plus the end-of-turn
-  token the template writes right after it (EOS for raw text), so the model learns to stop;
-- last_turn:   only the last assistant reply (+ its end token);
+What is trained, per `data.train_on` (spans.py finds the replies and their stop signal):
+- completions: each assistant reply (its text and/or tool calls; or the completion / alpaca
+  output) plus its end-of-turn marker (EOS for raw text), so the model learns to stop; never a
+  tool's output, a reply marked `weight: 0`, a user or system turn;
+- last_turn:   only the last assistant reply (+ its end marker);
 - all:         every token of the example.
 
 A text far longer than `max_length` tokens is not tokenized whole (a 50 MB row took 7 GB and minutes
@@ -23,7 +24,8 @@ import weakref
 from dataclasses import dataclass
 
 from peftcli.data.formats import BadRowError, Example
-from peftcli.data.templates import render
+from peftcli.data.spans import chat_spans
+from peftcli.data.spans import special_token_ids as special_token_ids  # evaluation imports it from here
 
 IGNORE = -100
 # Tokens past what is kept when a long text is tokenized by a prefix: the tokens next to the cut may
@@ -45,48 +47,6 @@ class Encoded:
     @property
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE)
-
-
-def special_token_ids(tokenizer) -> set[int]:
-    """Ids of every special token, the added ones (chat markers) included."""
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
-    return ids
-
-
-def chat_spans(tokenizer, example: Example, train_on: str) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation and find the character span of each trained assistant reply."""
-    turns = example.turns
-    full = render(tokenizer, turns)
-    if train_on == "all":
-        return full, [(0, len(full))]
-    replies = [i for i, turn in enumerate(turns) if turn.role == "assistant"]
-    if train_on == "last_turn":
-        replies = replies[-1:]
-    spans, cursor = [], 0
-    for i in replies:
-        # Where the reply starts: right after the rendered history + generation prompt, when the
-        # template renders prefixes consistently (almost all do); else the next match after the
-        # previous reply.
-        prefix = render(tokenizer, turns[:i], add_generation_prompt=True)
-        if full.startswith(prefix):
-            search_from = max(len(prefix), cursor)
-        else:
-            # A template that renders history differently (e.g. drops earlier reasoning): start after
-            # the turn just before this reply, so a reply quoted in the user's message is not taken.
-            before = turns[i - 1].content.strip() if i else ""
-            anchor = full.find(before, cursor) if before else -1
-            search_from = anchor + len(before) if anchor >= 0 else cursor
-        content = turns[i].content.strip()
-        start = full.find(content, search_from)
-        if start < 0:
-            raise BadRowError(
-                f"turn {i + 1}: the chat template does not reproduce the assistant reply verbatim, "
-                "so its tokens cannot be masked reliably"
-            )
-        spans.append((start, start + len(content)))
-        cursor = start + len(content)
-    return full, spans
 
 
 def raw_spans(tokenizer, example: Example, train_on: str) -> tuple[str, list[tuple[int, int]]]:
@@ -146,24 +106,15 @@ def encode(tokenizer, example: Example, train_on: str, max_length: int | None = 
         ids, offsets, complete = _tokenize(tokenizer, text, True, max_length)
     covered = len(text) if complete else max((b for _, b in offsets), default=0)
     trained = [False] * len(ids)
-    special = special_token_ids(tokenizer)
-    for span_start, span_end in spans:
+    for span_start, span_end in spans:  # each span already holds its reply's end marker
         if span_start >= covered:  # beyond the tokens kept, so truncated away in any case
             continue
-        last = -1
+        hit = False
         for j, (a, b) in enumerate(offsets):
             if b > a and a < span_end and b > span_start:
-                trained[j] = True
-                last = j
-        if last < 0:
+                trained[j] = hit = True
+        if not hit:
             raise BadRowError("a trained span maps to no tokens (empty reply after tokenization)")
-        if example.is_chat and train_on != "all":
-            # Also learn the end-of-turn token right after the reply (skipping whitespace).
-            j = last + 1
-            while j < len(ids) and ids[j] not in special and not text[offsets[j][0] : offsets[j][1]].strip():
-                j += 1
-            if j < len(ids) and ids[j] in special:
-                trained[j] = True
     labels = [token if keep else IGNORE for token, keep in zip(ids, trained)]
     return Encoded(ids, labels, example.origin, complete=complete)
 

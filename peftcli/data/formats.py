@@ -1,46 +1,74 @@
 """Row formats: detect which one a source uses, map the user's column names, and normalise every row
 into an `Example` — a conversation (rendered later by a chat template) or raw prompt/completion text.
 
-Every check a row can fail lives here and raises `BadRowError` with a reason a user can act on
+Nothing is dropped silently: every column of a source is read by its format, mapped by
+`data.columns`, or named in one warning (`unread_columns`); columns that would change what is
+trained if ignored (preference pairs, KTO labels, images, row weights) are refused with what the
+file is and what to do (`refuse_columns`). Turns are read in turns.py.
+
+Every check a row can fail raises `BadRowError` with a reason a user can act on
 ("missing field 'output'", "turn 3: unknown role 'bot'"); the caller adds the file and line.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from peftcli.data.turns import (
+    MESSAGES_ROLES,
+    SHAREGPT_ROLES,
+    BadRowError,
+    Turn,
+    TurnKeys,
+    check_turns,
+    history_turns,
+    read_turns,
+    tool_schemas,
+)
 from peftcli.errors import UserError
 
-# Each format: the fields that identify it (all required) and optional ones.
+__all__ = ["BadRowError", "Example", "Turn", "detect_format", "to_example"]
+
+# Each format: the fields that identify it (all required) and the optional ones it reads.
 FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "messages": (("messages",), ()),
-    "sharegpt": (("conversations",), ("system",)),
-    "alpaca": (("instruction", "output"), ("input", "system")),
+    "messages": (("messages",), ("system", "tools", "functions")),
+    "sharegpt": (("conversations",), ("system", "tools")),
+    "alpaca": (("instruction", "output"), ("input", "system", "history", "tools")),
     "prompt_completion": (("prompt", "completion"), ()),
     "text": (("text",), ()),
 }
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
-    "chatgpt": "assistant",
+# Columns whose meaning changes what is trained: ignoring them would train something else than the
+# file means. column -> (does a value carry that meaning?, what the file is, what to do)
+REFUSED: dict[str, tuple[Any, str, str]] = {
+    "chosen": (lambda v: v is not None, "a preference (DPO/ORPO) file", "keep one reply per row (SFT)"),
+    "rejected": (lambda v: v is not None, "a preference (DPO/ORPO) file", "keep one reply per row (SFT)"),
+    "label": (
+        lambda v: isinstance(v, bool),
+        "a KTO file (label false marks an undesirable reply, which would be trained as a target)",
+        "keep the rows labelled true and drop the column",
+    ),
+    "kto_tag": (
+        lambda v: isinstance(v, bool),
+        "a KTO file (kto_tag false marks an undesirable reply, which would be trained as a target)",
+        "keep the rows tagged true and drop the column",
+    ),
+    **{
+        column: (
+            lambda v: bool(v),
+            f"a multimodal file (its <{column[:-1]}> placeholders would be trained as text)",
+            "peftcli trains text-only models: drop the column and the placeholders",
+        )
+        for column in ("images", "videos", "audios")
+    },
+    "weight": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "a file with a weight per row",
+        "peftcli weighs sources (data.train: [{path, weight}]) and single replies (a message's weight: 0), "
+        "not rows: split the rows by weight into sources",
+    ),
 }
-
-
-class BadRowError(Exception):
-    """A row that does not fit its format; the message says what is wrong with it."""
-
-
-@dataclass(frozen=True)
-class Turn:
-    role: str  # system | user | assistant
-    content: str
 
 
 @dataclass(frozen=True)
@@ -55,10 +83,53 @@ class Example:
     turns: tuple[Turn, ...] = ()
     prompt: str = ""
     completion: str = ""
+    # Tool schemas offered in this conversation (OpenAI style), passed to the template as `tools=`.
+    tools: tuple[dict, ...] = ()
 
     @property
     def is_chat(self) -> bool:
         return bool(self.turns)
+
+
+# Column names other tools give alpaca's fields (ms-swift and LLaMA-Factory: query/response; Dolly:
+# context/response): read as such when the file lacks alpaca's own, and said so.
+ALPACA_ALIASES = {"instruction": ("query",), "output": ("response",), "input": ("context", "query_input")}
+
+
+def alpaca_aliases(columns: set[str], mapped: dict[str, str]) -> dict[str, str]:
+    """{alpaca field: column} for the aliased columns of a file that has no such field."""
+    found = {}
+    for field, aliases in ALPACA_ALIASES.items():
+        if field in columns or field in mapped:
+            continue
+        alias = next((a for a in aliases if a in columns), None)
+        if alias is not None:
+            found[field] = alias
+    return found if {"instruction", "output"} <= set(found) | columns else {}
+
+
+def turn_keys(fmt: str, columns: Mapping[str, str], roles: Mapping[str, str]) -> TurnKeys:
+    """How a source of format `fmt` writes its turns: data.columns may rename the keys inside a turn
+    ({from: role, value: content}), data.roles adds role names ({human: user, observation: tool})."""
+    if fmt == "sharegpt":
+        return TurnKeys(columns.get("from", "from"), columns.get("value", "value"), {**SHAREGPT_ROLES, **roles})
+    return TurnKeys(columns.get("role", "role"), columns.get("content", "content"), {**MESSAGES_ROLES, **roles})
+
+
+def refuse_columns(rows: list[dict[str, Any]], where: str) -> None:
+    """Refuse a source with a column whose meaning peftcli cannot honour (see REFUSED)."""
+    for column, (meaningful, what, todo) in REFUSED.items():
+        if any(meaningful(values.get(column)) for values in rows if column in values):
+            raise UserError(
+                f"{where}: the '{column}' column makes this {what}",
+                hint=f"{todo}; or, if the column means something else, rename it",
+            )
+
+
+def unread_columns(fmt: str, columns: set[str]) -> list[str]:
+    """Columns of a source that its format does not read (after data.columns renamed them)."""
+    required, optional = FORMAT_FIELDS[fmt]
+    return sorted(columns - set(required) - set(optional))
 
 
 def detect_format(columns: list[str], where: str) -> str:
@@ -109,74 +180,35 @@ def _text(values: dict[str, Any], field: str, *, required: bool = True, allow_em
     return value
 
 
-def _check_turns(turns: list[Turn]) -> tuple[Turn, ...]:
-    if not turns:
-        raise BadRowError("the conversation has no turns")
-    if not any(t.role == "assistant" for t in turns):
-        raise BadRowError("the conversation has no assistant turn to learn from")
-    for i, turn in enumerate(turns, start=1):
-        if turn.role == "system" and i != 1:
-            raise BadRowError(f"turn {i}: a system turn may only come first")
-        if turn.role == "assistant" and not turn.content.strip():
-            raise BadRowError(f"turn {i}: empty assistant reply")
-    return tuple(turns)
-
-
-def _turn_list(values: dict[str, Any], field: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[Turn]:
-    items = values.get(field)
-    if items is None:
-        raise BadRowError(f"missing field '{field}'")
-    if isinstance(items, str):  # CSV (and some parquet) files store the turns as a JSON string
-        try:
-            items = json.loads(items)
-        except json.JSONDecodeError:
-            raise BadRowError(f"field '{field}' is text that is not a JSON list of turns") from None
-    if not isinstance(items, list):
-        raise BadRowError(f"field '{field}' should be a list of turns, got {type(items).__name__}")
-    turns = []
-    for i, item in enumerate(items, start=1):
-        if not isinstance(item, dict):
-            raise BadRowError(f"turn {i}: expected an object with '{role_key}' and '{text_key}'")
-        role, text = item.get(role_key), item.get(text_key)
-        if role is None or text is None:
-            missing = role_key if role is None else text_key
-            raise BadRowError(f"turn {i}: missing '{missing}'")
-        if not isinstance(text, str):
-            raise BadRowError(f"turn {i}: '{text_key}' should be text, got {type(text).__name__}")
-        if not isinstance(role, str):  # a list or object cannot even be looked up among the roles
-            raise BadRowError(f"turn {i}: '{role_key}' should be text, got {type(role).__name__}")
-        if role not in roles:
-            raise BadRowError(f"turn {i}: unknown role '{role}' (expected one of {', '.join(sorted(roles))})")
-        turns.append(Turn(roles[role], text))
+def _system_first(turns: list[Turn], system: str) -> list[Turn]:
+    """A `system` column, put first unless the conversation already opens with a system turn."""
+    if system.strip() and not (turns and turns[0].role == "system"):
+        return [Turn("system", system), *turns]
     return turns
 
 
-def to_example(fmt: str, values: dict[str, Any], origin: str) -> Example:
+def to_example(fmt: str, values: dict[str, Any], origin: str, keys: TurnKeys | None = None) -> Example:
     """Normalise one row; raises BadRowError when it does not fit `fmt`."""
-    if fmt == "messages":
-        turns = _turn_list(values, "messages", "role", "content", {r: r for r in ROLES})
-        return Example(origin, turns=_check_turns(turns))
-    if fmt == "sharegpt":
-        turns = _turn_list(values, "conversations", "from", "value", SHAREGPT_ROLES)
-        system = _text(values, "system", required=False)
-        if system.strip() and not (turns and turns[0].role == "system"):
-            turns.insert(0, Turn("system", system))
-        return Example(origin, turns=_check_turns(turns))
+    keys = keys or turn_keys(fmt, {}, {})
+    if fmt in ("messages", "sharegpt"):
+        field = "messages" if fmt == "messages" else "conversations"
+        turns = _system_first(read_turns(values.get(field), field, keys), _text(values, "system", required=False))
+        tools = tool_schemas(values.get("tools") or values.get("functions"), "tools")
+        return Example(origin, turns=check_turns(turns), tools=tools)
     if fmt == "alpaca":
         instruction = _text(values, "instruction")
         extra = _text(values, "input", required=False)
         output = _text(values, "output")
-        system = _text(values, "system", required=False)
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        turns = ([Turn("system", system)] if system.strip() else []) + [Turn("user", user), Turn("assistant", output)]
-        return Example(origin, turns=tuple(turns))
+        turns = [*history_turns(values.get("history")), Turn("user", user), Turn("assistant", output)]
+        turns = _system_first(turns, _text(values, "system", required=False))
+        return Example(origin, turns=check_turns(turns), tools=tool_schemas(values.get("tools"), "tools"))
     if fmt == "prompt_completion":
         prompt, completion = values.get("prompt"), values.get("completion")
         if isinstance(prompt, list) and isinstance(completion, list):
             # Conversational prompt/completion (TRL's convention): lists of role/content turns.
-            convo = {"messages": prompt + completion}
-            turns = _turn_list(convo, "messages", "role", "content", {r: r for r in ROLES})
-            return Example(origin, turns=_check_turns(turns))
+            turns = read_turns(prompt + completion, "prompt", keys)
+            return Example(origin, turns=check_turns(turns))
         return Example(origin, prompt=_text(values, "prompt", allow_empty=True), completion=_text(values, "completion"))
     if fmt == "text":
         return Example(origin, completion=_text(values, "text"))

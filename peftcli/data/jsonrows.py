@@ -39,7 +39,7 @@ def loads_row(text: str) -> Any:
 
 def read_json_records(path: Path) -> list[Record]:
     """The records of a .json file: a list of objects, or columns ({"col": [...], ...})."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # Notepad and Excel write a byte-order mark
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -61,11 +61,8 @@ def read_json_records(path: Path) -> list[Record]:
             raise UserError(f"{path}: columns have different lengths {sorted(lengths)}")
         keys = list(value)
         value = [dict(zip(keys, items)) for items in zip(*value.values())]
-    if isinstance(value, dict):
-        raise UserError(
-            f"{path}: a single JSON object; expected a list of records or JSON Lines",
-            hint="wrap it in [ ] to make it a list, or write one object per line in a .jsonl file",
-        )
+    if isinstance(value, dict):  # one record (Axolotl's fixtures, a single conversation)
+        return [Record(value, f"{path.name} (its one object)")]
     if not isinstance(value, list):
         raise UserError(f"{path}: expected a list of records, got a JSON {type(value).__name__}")
     return [Record(item, f"{path.name} record {number}") for number, item in enumerate(value, start=1)]

@@ -10,8 +10,20 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from peftcli import console
 from peftcli.data.encode import Encoded, encode, fit_length
-from peftcli.data.formats import BadRowError, Example, check_columns, detect_format, rename_columns, to_example
+from peftcli.data.formats import (
+    BadRowError,
+    Example,
+    alpaca_aliases,
+    check_columns,
+    detect_format,
+    refuse_columns,
+    rename_columns,
+    to_example,
+    turn_keys,
+    unread_columns,
+)
 from peftcli.data.sources import BadRow, Row, read_source
 from peftcli.data.templates import ChatTemplate, resolve_template
 from peftcli.errors import UserError
@@ -58,28 +70,38 @@ class _Examples:
     stats: SplitStats
 
 
-def _read_examples(sources: list[DataSource], data: DataSection, key: str) -> _Examples:
+def read_examples(sources: list[DataSource], data: DataSection, key: str) -> _Examples:
+    """Rows of every source as Examples, with what was skipped; no tokenizer needed (validate)."""
     stats = SplitStats()
     per_source: list[list[Example]] = []
     for index, source in enumerate(sources):
         where = key if len(sources) == 1 else f"{key}[{index}]"
-        rows = read_source(source, where)
+        rows = read_source(source, where, data.text_split)
         columns_map = source.columns if source.columns is not None else data.columns
-        good = [r for r in rows if isinstance(r, Row)]
+        good = [rename_columns(r.values, columns_map) for r in rows if isinstance(r, Row)]
         if not good:
             raise UserError(f"{where}: {source.path} has no usable rows", hint="check the file is not empty or all bad")
-        columns = list(rename_columns(good[0].values, columns_map))
+        named = f"{where} ({source.path})"
+        if (source.format or data.format) in ("auto", "alpaca"):
+            aliases = alpaca_aliases(set(good[0]), columns_map)
+            if aliases:
+                console.note(f"{named}: read as alpaca: " + ", ".join(f"{c} -> {f}" for f, c in aliases.items()))
+                columns_map = {**columns_map, **aliases}
+                good = [rename_columns(values, aliases) for values in good]
+        refuse_columns(good, named)
+        columns = list(good[0])
         fmt: str = source.format or data.format
         if fmt == "auto":
-            fmt = detect_format(columns, f"{where} ({source.path})")
+            fmt = detect_format(columns, named)
         else:
-            check_columns(fmt, columns, f"{where} ({source.path})")
+            check_columns(fmt, columns, named)
+        keys = turn_keys(fmt, columns_map, source.roles if source.roles is not None else data.roles)
         examples = []
         for row in rows:
             try:
                 if isinstance(row, BadRow):
                     raise BadRowError(row.reason)
-                examples.append(to_example(fmt, rename_columns(row.values, columns_map), row.origin))
+                examples.append(to_example(fmt, rename_columns(row.values, columns_map), row.origin, keys))
             except BadRowError as exc:
                 origin = row.origin
                 if data.bad_rows == "error":
@@ -94,8 +116,22 @@ def _read_examples(sources: list[DataSource], data: DataSection, key: str) -> _E
                 hint="see the reasons with data.bad_rows: error",
             )
         stats.formats[fmt] = stats.formats.get(fmt, 0) + len(examples)
+        _say_unread(named, fmt, good, keys)
         per_source.append(examples)
     return _Examples(per_source, stats)
+
+
+def _say_unread(where: str, fmt: str, rows: list[dict], keys) -> None:
+    """One warning per source naming what its format does not read: nothing is dropped silently."""
+    columns = set().union(*(values.keys() for values in rows))
+    unread = unread_columns(fmt, columns)
+    if unread:
+        console.warn(
+            f"{where}: ignored columns: {', '.join(unread)} (format {fmt} does not read them; "
+            "map one with data.columns if it holds a field)"
+        )
+    if keys.unread:
+        console.warn(f"{where}: ignored keys inside turns: {', '.join(sorted(keys.unread))}")
 
 
 def _hold_out(per_source: list[list[Example]], fraction: float, seed: int) -> tuple[list[list[Example]], list[Example]]:
@@ -180,9 +216,9 @@ def _encode_all(examples: list[Example], tokenizer, data: DataSection, stats: Sp
 
 def prepare_data(data: DataSection, tokenizer, seed: int, eval_only: list[DataSource] | None = None) -> PreparedData:
     """Everything the trainer (or `eval --data`) needs from the data section."""
-    train_read = None if eval_only else _read_examples(data.train, data, "data.train")
+    train_read = None if eval_only else read_examples(data.train, data, "data.train")
     eval_sources = eval_only or data.eval
-    eval_read = _read_examples(eval_sources, data, "data.eval") if eval_sources else None
+    eval_read = read_examples(eval_sources, data, "data.eval") if eval_sources else None
 
     chat = any(r is not None and _needs_chat(r.per_source) for r in (train_read, eval_read))
     template = resolve_template(data.chat_template, tokenizer) if chat or data.chat_template != "auto" else None

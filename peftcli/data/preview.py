@@ -41,19 +41,40 @@ def example_json(tokenizer, item: Encoded) -> str:
     )
 
 
+def decoded_runs(tokenizer, item: Encoded) -> list[tuple[str, bool]]:
+    """The example as (text, trained) runs of consecutive tokens with the same label.
+
+    A run is the decoded whole text up to its end, less the text before it: a character spread
+    over several byte-level tokens (a curly quote, an accent, Chinese) decodes whole, and a
+    leading space a decoder drops at the start of a text (SentencePiece) stays. Where a character
+    straddles two runs (the text up to the boundary ends in U+FFFD), the boundary moves past it."""
+    ids, labels = item.input_ids, item.labels
+    bounds = [j for j in range(1, len(ids)) if (labels[j] == IGNORE) != (labels[j - 1] == IGNORE)]
+    runs: list[tuple[str, bool]] = []
+    done, start = "", 0
+    for end in [*bounds, len(ids)] if ids else []:
+        text = tokenizer.decode(ids[:end], clean_up_tokenization_spaces=False)
+        if end < len(ids) and text.endswith("\ufffd"):
+            continue  # a character straddles the boundary: this run takes the rest of its tokens
+        # A decoder that rewrites earlier text as tokens are added: this run decoded alone.
+        piece = (
+            text[len(done) :]
+            if text.startswith(done)
+            else tokenizer.decode(ids[start:end], clean_up_tokenization_spaces=False)
+        )
+        runs.append((piece, labels[start] != IGNORE))
+        done, start = text, end
+    return runs
+
+
 def render_example(tokenizer, item: Encoded, marks: bool = False) -> Text:
-    """The example token by token: trained tokens in bold green, the rest dimmed. With `marks`
-    (no colour: a log or a pipe), trained runs are bracketed as ⟦...⟧ instead."""
+    """The example run by run: trained tokens in bold green, the rest dimmed. With `marks` (no
+    colour: a log or a pipe), trained runs are bracketed as ⟦...⟧ instead."""
     text = Text()
-    trained_before = False
-    for token, label in zip(item.input_ids, item.labels):
-        trained = label != IGNORE
-        if marks and trained != trained_before:
-            text.append("⟦" if trained else "⟧")
-        text.append(tokenizer.decode([token]), style="bold green" if trained else "dim")
-        trained_before = trained
-    if marks and trained_before:
-        text.append("⟧")
+    for piece, trained in decoded_runs(tokenizer, item):
+        if marks and trained:
+            piece = f"⟦{piece}⟧"
+        text.append(piece, style="bold green" if trained else "dim")
     return text
 
 

@@ -37,15 +37,16 @@ class BadRow:
     reason: str
 
 
-def read_source(source: DataSource, key: str) -> list[Row | BadRow]:
-    """All rows of one source. `key` (e.g. "data.train") names the recipe key in errors."""
+def read_source(source: DataSource, key: str, text_split: str = "auto") -> list[Row | BadRow]:
+    """All rows of one source. `key` (e.g. "data.train") names the recipe key in errors;
+    `text_split` says how a .txt file is cut into examples (data.text_split)."""
     path = source.path
     # A file named `train[v2].jsonl` is that file: only a path that does not exist is a pattern.
     if any(ch in path for ch in "*?[") and not os.path.lexists(path):
         files = sorted(p for p in glob.glob(path, recursive=True) if p.endswith(SUFFIXES))
         if not files:
             raise UserError(f"{key}: the pattern {path} matches no {'/'.join(SUFFIXES)} file")
-        return [row for file in files for row in _read_file(Path(file), key)]
+        return [row for file in files for row in _read_file(Path(file), key, text_split)]
     local = Path(path)
     if not local.is_absolute():  # recipes make local paths absolute: a relative one is a hub id
         return _read_hub(source, key)
@@ -58,13 +59,13 @@ def read_source(source: DataSource, key: str) -> list[Row | BadRow]:
                 f"{key}: {local} is a directory with no .jsonl/.json/.csv/.parquet file",
                 hint="point data.train at a file, a glob, or a folder of data files",
             )
-        return [row for file in found for row in _read_file(file, key)]
+        return [row for file in found for row in _read_file(file, key, text_split)]
     if local.is_file() or special_kind(local):
-        return _read_file(local, key)
+        return _read_file(local, key, text_split)
     raise UserError(f"{key}: data file not found: {path}", hint=PATH_RULE)
 
 
-def _read_file(path: Path, key: str) -> list[Row | BadRow]:
+def _read_file(path: Path, key: str, text_split: str = "auto") -> list[Row | BadRow]:
     kind = special_kind(path)  # checked before opening: reading a FIFO blocks, a device never ends
     if kind is not None:
         raise UserError(f"{key}: {path} is {kind}, not a regular file", hint="point it at a data file")
@@ -81,7 +82,7 @@ def _read_file(path: Path, key: str) -> list[Row | BadRow]:
     }
     reader = readers[path.suffix]
     try:
-        return reader(path)
+        return _read_text(path, text_split) if path.suffix == ".txt" else reader(path)
     except UnicodeDecodeError as exc:
         raise UserError(f"{key}: {path}: not UTF-8 text (byte {exc.start})") from None
     except PermissionError:
@@ -94,7 +95,7 @@ def _read_file(path: Path, key: str) -> list[Row | BadRow]:
 
 def _read_jsonl(path: Path) -> list[Row | BadRow]:
     rows: list[Row | BadRow] = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -128,7 +129,7 @@ def _read_csv(path: Path) -> list[Row | BadRow]:
     limit = csv.field_size_limit()
     csv.field_size_limit(sys.maxsize)  # a long cell is data (encode bounds its cost), not an error
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             return _csv_rows(path, csv.reader(handle))
     finally:
         csv.field_size_limit(limit)
@@ -161,12 +162,19 @@ def _csv_rows(path: Path, reader) -> list[Row | BadRow]:
     return rows
 
 
-def _read_text(path: Path) -> list[Row | BadRow]:
-    """Plain text: one `text` row per paragraph (paragraphs are separated by blank lines)."""
+def _read_text(path: Path, split: str = "auto") -> list[Row | BadRow]:
+    """Plain text: one `text` row per paragraph (blank-line separated) or per line. `auto` takes
+    paragraphs when the file has a blank line between two lines of text, else lines: a corpus of one
+    document per line must not become one example cut at max_length."""
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    if split == "auto":
+        split = "paragraph" if _has_paragraphs(lines) else "line"
+    if split == "line":
+        return [Row({"text": line}, f"{path.name} line {n}") for n, line in enumerate(lines, start=1) if line.strip()]
     rows: list[Row | BadRow] = []
     paragraph: list[str] = []
     start = 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], start=1):
+    for number, line in enumerate(lines + [""], start=1):
         if line.strip():
             if not paragraph:
                 start = number
@@ -175,6 +183,19 @@ def _read_text(path: Path) -> list[Row | BadRow]:
             rows.append(Row({"text": "\n".join(paragraph)}, f"{path.name} line {start}"))
             paragraph = []
     return rows
+
+
+def _has_paragraphs(lines: list[str]) -> bool:
+    """Whether a blank line separates two lines of text."""
+    text_seen = gap = False
+    for line in lines:
+        if not line.strip():
+            gap = text_seen
+        elif gap:
+            return True
+        else:
+            text_seen = True
+    return False
 
 
 def _read_parquet(path: Path) -> list[Row | BadRow]:

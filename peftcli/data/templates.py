@@ -3,6 +3,12 @@
 A wrong template is the most common silent failure in fine-tuning (the model trains fine, then
 produces garbage at inference with a different template), so the chosen template is stored on the
 tokenizer and saved with the adapter, and `auto` never guesses quietly: it warns when it falls back.
+
+Conversations are rendered through the template's own syntax for everything a row holds: tool
+schemas (`tools=`), assistant `tool_calls`, `tool` messages. Templates that take `enable_thinking`
+(Qwen3) are rendered with thinking off, in training and for generation prompts alike: such a
+template writes an empty think block before the last reply in training but none in its default
+generation prompt, so the model would be prompted at inference unlike anything it was trained on.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ _PROBES = (
     ({"role": "user", "content": "Hi"},),
 )
 _REPLY = {"role": "assistant", "content": "Hello"}
+# Prepended to a template that takes `enable_thinking`: thinking off unless a caller asks for it.
+# An `if` opens no scope in Jinja, so the `set` holds for the whole template; no newline, so the
+# template's line numbers (in error messages) stay its own.
+THINKING_OFF = "{%- if enable_thinking is not defined %}{%- set enable_thinking = false %}{%- endif %}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,10 @@ def resolve_template(setting: str, tokenizer) -> ChatTemplate:
         template = ChatTemplate(setting, builtin_template(setting))
     else:
         template = ChatTemplate(setting, _read_template_file(Path(setting)))
+    if takes_thinking(template.source):
+        # Whoever renders with this tokenizer directly (apply_chat_template at generation, plain
+        # transformers loading the adapter's saved template) then gets the prompts training saw.
+        template = ChatTemplate(template.name, THINKING_OFF + template.source)
     tokenizer.chat_template = template.source
     _check_template(tokenizer, template)
     return template
@@ -111,17 +125,46 @@ def _first_line(exc: BaseException | None) -> str:
     return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
-def render(tokenizer, turns, add_generation_prompt: bool = False) -> str:
+def takes_thinking(template) -> bool:
+    """Whether a template (its text, or the tokenizer's `chat_template`: a string or a dict of
+    named ones) reads `enable_thinking`, as Qwen3's does."""
+    return "enable_thinking" in str(template or "")
+
+
+def message(turn) -> dict:
+    """A Turn as the message dict chat templates read (OpenAI's shape); dicts pass through."""
+    if isinstance(turn, dict):
+        return turn
+    out: dict = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        out["tool_calls"] = [dict(call) for call in turn.tool_calls]
+    if turn.name is not None:
+        out["name"] = turn.name
+    if turn.tool_call_id is not None:
+        out["tool_call_id"] = turn.tool_call_id
+    return out
+
+
+def render(tokenizer, turns, add_generation_prompt: bool = False, *, tools=(), thinking: bool | None = None) -> str:
     """Render a conversation (a sequence of Turn or role/content dicts) to text."""
     try:
-        return render_raw(tokenizer, turns, add_generation_prompt)
+        return render_raw(tokenizer, turns, add_generation_prompt, tools=tools, thinking=thinking)
     except Exception as exc:  # jinja raises TemplateError subclasses, and templates raise their own
         # Templates often reject role orders they do not support (two user turns in a row, say):
         # that is a property of the row, so it is reported (or skipped) like any other bad row.
         raise BadRowError(f"the chat template refused this conversation: {exc}") from None
 
 
-def render_raw(tokenizer, turns, add_generation_prompt: bool = False) -> str:
-    """`render` with the template's own exceptions."""
-    messages = [t if isinstance(t, dict) else {"role": t.role, "content": t.content} for t in turns]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render_raw(tokenizer, turns, add_generation_prompt: bool = False, *, tools=(), thinking: bool | None = None) -> str:
+    """`render` with the template's own exceptions. `tools`: the tool schemas offered (OpenAI
+    style). `thinking`: for templates that take `enable_thinking`; None means off (see above)."""
+    extra = {}
+    if takes_thinking(getattr(tokenizer, "chat_template", None)):
+        extra["enable_thinking"] = bool(thinking)
+    return tokenizer.apply_chat_template(
+        [message(t) for t in turns],
+        tools=list(tools) or None,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **extra,
+    )

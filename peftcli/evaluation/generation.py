@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from peftcli.data.encode import special_token_ids
 from peftcli.data.formats import Example
+from peftcli.data.templates import render_raw
 
 PROBE = "\u2063probe-reply\u2063"  # a reply no template rewrites, to find what follows a reply
 
@@ -27,9 +28,11 @@ class Prompt:
     origin: str = ""
 
 
-def render_prompt(tokenizer, messages: list[dict], chat: bool) -> str:
+def render_prompt(tokenizer, messages: list, chat: bool, tools: tuple[dict, ...] = ()) -> str:
+    """The text a model continues: rendered as training rendered it (the same template, tool
+    schemas and thinking setting), or the raw prompt."""
     if chat:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_raw(tokenizer, messages, add_generation_prompt=True, tools=tools)
     return messages[-1]["content"]
 
 
@@ -38,9 +41,10 @@ def prompt_from_example(tokenizer, example: Example) -> Prompt | None:
     if example.is_chat:
         turns = list(example.turns)
         last = max(i for i, t in enumerate(turns) if t.role == "assistant")
-        messages = [{"role": t.role, "content": t.content} for t in turns[:last]]
-        user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        return Prompt(render_prompt(tokenizer, messages, True), user, turns[last].content, True, example.origin)
+        history = turns[:last]  # with its tool calls and outputs, as in training
+        user = next((t.content for t in reversed(history) if t.role == "user"), "")
+        text = render_prompt(tokenizer, history, True, example.tools)
+        return Prompt(text, user, turns[last].content, True, example.origin)
     if not example.prompt:  # plain text: nothing to answer
         return None
     return Prompt(example.prompt, example.prompt, example.completion, False, example.origin)
@@ -63,6 +67,27 @@ def stop_token_ids(tokenizer) -> list[int]:
                     ids.append(token)
                 break
     return ids
+
+
+def end_marker_text(tokenizer) -> str:
+    """What the chat template writes after a reply when that is not a special token (a template
+    from another family, ChatML on a base tokenizer): training taught the model to write it and
+    then EOS, so a generated reply ends where it starts. '' when the marker is a special token."""
+    if not tokenizer.chat_template:
+        return ""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template may reject the probe
+        return ""
+    after = text[text.find(PROBE) + len(PROBE) :].strip()
+    marker = after.split()[0] if after else ""
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    return "" if len(ids) == 1 and ids[0] in special_token_ids(tokenizer) else marker
+
+
+def _cut_at(text: str, marker: str) -> str:
+    return text.split(marker, 1)[0] if marker else text
 
 
 @contextmanager
@@ -97,6 +122,7 @@ def generate(
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     stops = stop_token_ids(tokenizer)
+    marker = end_marker_text(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature, "num_return_sequences": num_samples}
     outputs: list[list[str]] = [[] for _ in prompts]
     torch.manual_seed(seed)
@@ -118,7 +144,7 @@ def generate(
                     **(sampling if temperature > 0 else {"do_sample": False}),
                 )
             texts = [
-                tokenizer.decode(t, skip_special_tokens=True).strip()
+                _cut_at(tokenizer.decode(t, skip_special_tokens=True), marker).strip()
                 for t in generated[:, batch["input_ids"].shape[1] :]
             ]
             for n, i in enumerate(chunk):

@@ -34,6 +34,9 @@ from peftcli.strict import (
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 BUILTIN_TEMPLATES = ("chatml", "llama3", "mistral")  # data.chat_template names; anything else is a file
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+# What a role name of a data file may stand for: tool = a tool's output (never trained), tool_call =
+# an assistant turn that calls a function (trained).
+Role = Literal["system", "user", "assistant", "tool", "tool_call"]
 
 
 class ModelSection(Strict):
@@ -89,6 +92,7 @@ class DataSource(Strict):
     subset: Name | None = Field(None, description="Subset (config name) of a hub dataset.")
     revision: Name | None = Field(None, description="Revision of a hub dataset.")
     columns: dict[str, str] | None = Field(None, description="Overrides data.columns for this source.")
+    roles: dict[str, Role] | None = Field(None, description="Overrides data.roles for this source.")
 
 
 def _as_source_list(value: Any) -> Any:
@@ -118,7 +122,19 @@ class DataSection(Strict):
     eval_split: OpenFraction | None = Field(None, description="Fraction of train held out for eval (or set data.eval).")
     format: Format = Field("auto", description="Row format; auto detects it from the columns.")
     columns: dict[str, str] = Field(
-        default_factory=dict, description="Map format fields onto your column names, e.g. {output: answer}."
+        default_factory=dict,
+        description="Map format fields onto your column names, e.g. {output: answer}; for messages/sharegpt also "
+        "the keys inside each turn, e.g. {from: role, value: content}.",
+    )
+    roles: dict[str, Role] = Field(
+        default_factory=dict,
+        description="Role names of your files beyond the usual ones, e.g. {human: user, observation: tool, "
+        "function_call: tool_call}.",
+    )
+    text_split: Literal["auto", "paragraph", "line"] = Field(
+        "auto",
+        description=".txt files: one example per paragraph (blank-line separated) or per line; auto = paragraphs "
+        "when the file has blank lines, else lines.",
     )
     chat_template: Name = Field("auto", description="auto | chatml | llama3 | mistral | path to a .jinja file.")
     train_on: Literal["completions", "all", "last_turn"] = Field("completions", description="Which tokens carry loss.")
