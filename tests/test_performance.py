@@ -13,28 +13,12 @@ import pytest
 import torch
 from helpers import DEMO_TRAIN, ROOT, base_recipe, read_json, write_recipe
 
+from peftcli.model.known_shapes import LLAMA_3_1_8B, QWEN2_5_0_5B
 from peftcli.recipe import load_recipe
 
-LLAMA_8B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "tie_word_embeddings": False,
-}
-QWEN_05B = {
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-}
+# The shapes the tool ships for its recipes' hub models (config.json as published).
+LLAMA_8B = {k: v for k, v in LLAMA_3_1_8B.items() if k != "max_position_embeddings"}
+QWEN_05B = {k: v for k, v in QWEN2_5_0_5B.items() if k != "max_position_embeddings"}
 
 
 @pytest.mark.parametrize("command", [["--help"], ["validate", "{recipe}"], ["methods"]])

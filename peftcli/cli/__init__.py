@@ -1,6 +1,7 @@
 """The `peftcli` command line: one module per command (train.py, validate.py, evaluate.py, ...),
 registered here, and `main`, which runs the app and maps every exception to one line and an exit
-code (0 ok, 1 a bug or a failed check, 2 a user error, 130/143 interrupted).
+code (0 ok, 1 a bug or a failed check, 2 a user error, 130/143 interrupted). The global options
+(-V, -q/-v, shell completion) live on the root callback here.
 
 No module of this package imports torch at import time: a command imports its stage when it runs,
 so `peftcli --help` and `peftcli validate` stay light.
@@ -18,17 +19,36 @@ import typer
 
 from peftcli import console, interruption
 from peftcli.cli import compare, convert, data, evaluate, generate, init, merge, methods, schema, train, validate
-from peftcli.errors import EXIT_BUG, EXIT_USER, ReportedError
+from peftcli.errors import EXIT_BUG, EXIT_USER, ReportedError, UserError
 
 app = typer.Typer(
     name="peftcli",
     help="Fine-tune causal LMs with parameter-efficient methods (LoRA, QLoRA, DoRA, IA3, ...) from one YAML recipe.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion: typer's scripts, no torch
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _flags_show_no_type() -> None:
+    """typer 0.29's rich help prints a type for every option, `<bool>` for flags too, which reads as
+    if `--overwrite true` were the way to say it (it is an error). A flag takes no value, so it shows
+    none; options that take one keep theirs. Older typer (no `display_type_rich`) shows none already."""
+    option = getattr(typer.core, "TyperOption", None)
+    typed = getattr(option, "display_type_rich", None)
+    if option is None or typed is None or getattr(typed, "peftcli_flags_untyped", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else typed(self, ctx)
+
+    display_type_rich.peftcli_flags_untyped = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 # The order of `peftcli --help`: the path train -> eval -> merge first, then the helpers.
 app.command("validate")(validate.validate)
 app.command("train")(train.train)
@@ -54,10 +74,37 @@ def _print_version(value: bool) -> None:
 @app.callback(epilog="Example: peftcli init --out my.yaml && peftcli validate my.yaml && peftcli train my.yaml")
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only results (stdout) and errors: no progress, notes or warnings.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="More detail: library warnings too (PEFTCLI_DEBUG=1: tracebacks).")
     ] = False,
 ) -> None:
     """Fine-tune causal LMs with parameter-efficient methods (LoRA, QLoRA, DoRA, IA3, ...) from one YAML recipe."""
+    if quiet and verbose:
+        raise UserError("-q/--quiet and -v/--verbose contradict each other", hint="give one of them")
+    console.set_verbosity(console.QUIET if quiet else console.VERBOSE if verbose else console.NORMAL)
+    if verbose:
+        import logging
+
+        warnings.simplefilter("default")  # scoped: main() holds catch_warnings
+        logging.getLogger("bitsandbytes").setLevel(logging.WARNING)
+
+
+# Global options a user may also type after the command (`peftcli train r.yaml -q`): click reads a
+# group's options only before the command name, so main() moves these there.
+_GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
+
+
+def _global_flags_first(argv: list[str]) -> list[str]:
+    """Move -q/-v (up to a `--`) to the front, where the root callback reads them."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    moved = [arg for arg in argv[:end] if arg in _GLOBAL_FLAGS]
+    return moved + [arg for arg in argv[:end] if arg not in _GLOBAL_FLAGS] + argv[end:]
 
 
 # File-system conditions the user (or the machine) has to fix, not bugs.
@@ -93,9 +140,7 @@ def _debug() -> bool:
 def _print_error(message: str, hint: str | None, label: str = "error") -> None:
     from peftcli.redact import redact
 
-    console.err.print(f"{label}: {redact(message)}", markup=False, style="red" if label == "error" else "yellow")
-    if hint:
-        console.err.print(f"hint: {redact(hint)}", markup=False)
+    console.problem(label, redact(message), redact(hint) if hint else None)
 
 
 def _resume_flag(argv: list[str]) -> list[str]:
@@ -136,6 +181,15 @@ _USAGE_ERRORS, _EXITS, _ABORTS = _click_exceptions()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn exceptions into exit codes."""
+    # Library deprecation chatter is not actionable for our users; -v or PEFTCLI_DEBUG=1 shows it.
+    # Scoped, so an in-process caller (the tests) keeps its own filters.
+    with warnings.catch_warnings():
+        if not _debug():
+            warnings.filterwarnings("ignore")
+        _run(argv)
+
+
+def _run(argv: list[str] | None) -> None:
     import logging
 
     from peftcli.training.launch import install_stop_recorder
@@ -143,11 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     install_stop_recorder()  # first thing: a process of --num-processes must not die of a stop request
     # bitsandbytes logs a harmless "failed to load CPU kernel" line at import; keep it out of every command.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    if not _debug():
-        # Library deprecation chatter is not actionable for our users; PEFTCLI_DEBUG=1 shows it.
-        warnings.filterwarnings("ignore")
+    console.set_verbosity(console.NORMAL)  # until the root callback reads -q/-v (also: a previous in-process run)
     try:
-        args = _resume_flag(sys.argv[1:] if argv is None else argv)
+        args = _global_flags_first(_resume_flag(sys.argv[1:] if argv is None else argv))
         # Ctrl-C/SIGTERM: clean up on the way out, say what was saved, exit 130/143 (never 0).
         with interruption.installed():
             code = app(args=args, prog_name="peftcli", standalone_mode=False)
@@ -173,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(EXIT_USER)
     except (*_ABORTS, KeyboardInterrupt):
-        console.err.print("interrupted", style="yellow")
+        console.problems.print("interrupted", style="yellow")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - last resort: a bug, shown as one line unless debugging
         if _debug():

@@ -25,6 +25,9 @@ def compare(
         typer.Option("--out", help="Folder for the runs and the comparison (default: <output.dir>-compare)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing comparison folder.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print compare.json's object on stdout; the table goes to stderr.")
+    ] = False,
 ) -> None:
     """Train the same recipe once per method and compare params, size, memory, speed and loss.
 
@@ -40,4 +43,4 @@ def compare(
     target = out.resolve() if out else Path(f"{resolved.output.dir}-compare")
     finished = f"the methods that finished are in {target}/<method>/; the comparison report was not written"
     with interruption.saving(finished):
-        run_compare(resolved, names, target, overwrite=overwrite)
+        run_compare(resolved, names, target, overwrite=overwrite, as_json=as_json)

@@ -1,7 +1,9 @@
-"""`peftcli eval`: base vs tuned on held-out data (evaluation/), and its tables on the terminal."""
+"""`peftcli eval`: base vs tuned on held-out data (evaluation/), and its tables on the terminal (or,
+with --json, eval.json's object on stdout and the tables on stderr)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +34,16 @@ def evaluate(
     reference: Annotated[
         Path | None, typer.Option("--reference", help="General text to measure forgetting on.")
     ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write eval.json/.md/.png and predictions here; the run is left untouched."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier eval written to the same --out.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print eval.json's object on stdout; the tables go to stderr.")
+    ] = False,
 ) -> None:
     """Base vs tuned on held-out data: loss, perplexity, token accuracy; generation scores; forgetting.
 
@@ -51,18 +63,27 @@ def evaluate(
         )
     elif any(v is not None for v in (max_new_tokens, temperature, num_samples, limit)):
         raise UserError("--max-new-tokens, --temperature, --num-samples and --limit apply with --generate")
-    with interruption.saving(f"the eval results were not written ({run / 'eval.json'} is as it was)"):
+    if overwrite and out is None:
+        raise UserError(
+            "--overwrite applies with --out", hint="without --out, eval replaces the run's eval.* as it always has"
+        )
+    folder = out.resolve() if out is not None else run.resolve()
+    with interruption.saving(f"the eval results were not written ({folder / 'eval.json'} is as it was)"):
         result = run_eval(
             run,
             data_path=data,
             batch_size=batch_size,
             generate=options,
             reference=str(reference.resolve()) if reference else None,
+            out=folder if out is not None else None,
+            overwrite=overwrite,
         )
-    print_tables(result, console.out)
+    print_tables(result, console.err if as_json else console.out, folder)
+    if as_json:
+        print(json.dumps(result.as_json(), ensure_ascii=False))
 
 
-def print_tables(result, console) -> None:
+def print_tables(result, console, folder: Path) -> None:
     """The eval figures on the terminal: base, tuned and the change, coloured by better or worse."""
     from rich.table import Table
 
@@ -92,6 +113,7 @@ def print_tables(result, console) -> None:
             f"{f.tuned_perplexity:.3f} ({f.forgetting_percent:+.2f} %, threshold {f.threshold_percent:g} %){flag}"
         )
     console.print(
-        f"written to {Path(result.run) / EVAL} (and {EVAL_MD}, {EVAL_PLOT}"
-        + (", predictions.jsonl)" if result.generation else ")")
+        f"written to {folder / EVAL} (and {EVAL_MD}, {EVAL_PLOT}"
+        + (", predictions.jsonl)" if result.generation else ")"),
+        markup=False,
     )

@@ -1,5 +1,9 @@
 """`peftcli generate`: one base model, several adapters switched per prompt (evaluation/adapters.py);
-prompts from the command line, a file, or an interactive chat."""
+prompts from the command line, a file, or an interactive chat.
+
+stdout holds every reply under its label (`[adapter] prompt`, the reply, a blank line) or, with
+`--json`, one JSON object per reply ({adapter, prompt, reply}); stderr repeats the label as progress
+when stdout goes elsewhere (a file, a pipe)."""
 
 from __future__ import annotations
 
@@ -35,6 +39,9 @@ def generate(
     system: Annotated[str | None, typer.Option("--system", help="System message for chat templates.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0, help="0 = greedy.")] = 0.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per reply on stdout: adapter, prompt, reply (JSONL).")
+    ] = False,
 ) -> None:
     """Generate with a base model and several adapters, switching per prompt without reloading.
 
@@ -45,16 +52,21 @@ def generate(
     chosen = sum(x is not None and x is not False for x in (prompt, prompts, interactive or None))
     if chosen != 1:
         raise UserError("give exactly one of --prompt TEXT, --prompts FILE or --interactive")
+    if as_json and interactive:
+        raise UserError(
+            "--json writes replies for a script; --interactive is a chat for a person",
+            hint="give the prompts with --prompt TEXT or --prompts FILE and add --json",
+        )
     session = Session(base, parse_adapters(adapter or []))
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     names = list(session.adapters)
     if interactive:
         chat(session, system, **options)
     elif prompts is not None:
-        run_prompts(session, read_prompts(prompts, names), system, **options)
+        run_prompts(session, read_prompts(prompts, names), system, as_json, **options)
     else:
         assert prompt is not None  # exactly one of the three was given
-        run_prompts(session, [(prompt, n) for n in _every_adapter(names)], system, **options)
+        run_prompts(session, [(prompt, n) for n in _every_adapter(names)], system, as_json, **options)
 
 
 def _every_adapter(names: list[str]) -> list[str | None]:
@@ -92,13 +104,27 @@ def read_prompts(path: Path, names: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def run_prompts(session: Session, pairs: list[tuple[str, str | None]], system: str | None, **options) -> None:
+def run_prompts(
+    session: Session, pairs: list[tuple[str, str | None]], system: str | None, as_json: bool = False, **options
+) -> None:
+    """Answer each (prompt, adapter): labelled text, streamed to stdout, or a JSON line per reply."""
     from peftcli.evaluation.adapters import BASE
 
-    for text, adapter in pairs:
+    # On a terminal stdout already shows the label; elsewhere stderr says what is being answered.
+    progress = as_json or not console.out.is_terminal
+    for index, (text, adapter) in enumerate(pairs):
+        label = f"[{adapter or BASE}] {text}"
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        console.err.print(f"\n[{adapter or BASE}] {text}", markup=False, style="bold")
+        if progress:
+            console.err.print(f"\n{label}", markup=False, style="bold")
+        if as_json:
+            reply = session.reply(adapter, messages, stream=False, **options)
+            record = {"adapter": adapter or BASE, "prompt": text, "reply": reply}
+            console.out.print(json.dumps(record, ensure_ascii=False), markup=False)
+            continue
+        console.out.print(("\n" if index else "") + label, markup=False, style="bold")
         session.reply(adapter, messages, stream=True, **options)
+        sys.stdout.flush()
 
 
 HELP = "commands: /adapter NAME, /base, /adapters, /reset, /quit"

@@ -6,11 +6,13 @@ The share is computed by model/size.py on the model built from its config on PyT
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from peftcli import console
+from peftcli.errors import UserError
 
 if TYPE_CHECKING:
     from peftcli.methods import Method
@@ -54,15 +56,47 @@ def markdown_table(table: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+# Columns that hold names a user types (`peft.method: adaption_prompt`): never cut inside a word.
+NAME_COLUMNS = ("method",)
+# Columns of `key=default, ...` lists: as wide as their longest item, so a key is never cut either.
+LIST_COLUMNS = ("keys (defaults)",)
+
+
 def print_table(table: list[dict[str, str]], console) -> None:
     from rich.table import Table
 
     view = Table(show_lines=True)
     for column in table[0]:
-        view.add_column(column, overflow="fold")
+        if column in NAME_COLUMNS:
+            longest = max(len(row[column]) for row in table)
+            view.add_column(column, no_wrap=True, min_width=longest)
+        elif column in LIST_COLUMNS:
+            longest = max(len(item) for row in table for item in row[column].split())
+            view.add_column(column, overflow="fold", min_width=longest)
+        else:
+            view.add_column(column, overflow="fold")
     for row in table:
         view.add_row(*row.values())
     console.print(view)
+
+
+def json_rows(model_path: str | None = None) -> list[dict]:
+    """`methods --json`: the registry with typed values (defaults as JSON, booleans, shares as text)."""
+    from peftcli.methods import REGISTRY
+    from peftcli.model.load import trainable_share
+
+    shares = trainable_share(model_path) if model_path else {}
+    return [
+        {
+            "method": name,
+            "summary": method.summary,
+            "keys": method.keys(),
+            "mergeable": method.mergeable,
+            "quantized_base": method.quantized_base,
+            **({"trainable_params": shares[name]} if shares else {}),
+        }
+        for name, method in REGISTRY.items()
+    ]
 
 
 def methods(
@@ -72,11 +106,19 @@ def methods(
     markdown: Annotated[
         bool, typer.Option("--markdown", help="Print a Markdown table (as in docs/methods.md).")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the registry as a JSON list, one object per method.")
+    ] = False,
 ) -> None:
     """List every PEFT method: its keys and defaults, mergeable or not, quantized base or not.
 
     [dim]Example: peftcli methods --model models/tiny[/]
     """
+    if markdown and as_json:
+        raise UserError("--markdown and --json are two formats of the same table", hint="give one of them")
+    if as_json:
+        console.out.print(json.dumps(json_rows(model), indent=2, default=str), markup=False)
+        return
     table = rows(model)
     if markdown:
         console.out.print(markdown_table(table), markup=False)

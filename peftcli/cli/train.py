@@ -1,15 +1,23 @@
-"""`peftcli train`: the recipe, then the training stage (training/run.py), or N processes of it."""
+"""`peftcli train`: the recipe and `validate`'s cheap checks, then the training stage
+(training/run.py, which imports torch), or N processes of it.
+
+A mistake `validate` finds in seconds (the recipe, unreadable data, an occupied output folder, a
+missing model folder) fails here the same way, before torch and transformers load (half a minute
+on a busy machine)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from peftcli import console
 from peftcli.cli._options import RecipeArg, SetOpt, load
 from peftcli.errors import UserError
+
+if TYPE_CHECKING:
+    from peftcli.recipe import Recipe
 
 
 def train(
@@ -52,7 +60,10 @@ def train(
             hint="add --num-processes N (the number of GPUs to train on)",
         )
     resolved = load(recipe, set_)
-    from peftcli.model.device import is_main_process, world_size
+    from peftcli.model.device import is_main_process, passive_cpu_wait, world_size
+
+    early_checks(resolved, overwrite, resume, recipe.resolve())
+    passive_cpu_wait()  # before torch loads its OpenMP runtime, which reads it once
 
     if num_processes > 1 and world_size() == 1:
         from peftcli.training import launch
@@ -80,3 +91,26 @@ def train(
         console.out.print(
             f"run written to {run_dir} (report: {run_dir / 'report.md'}, metrics: {run_dir / 'metrics.json'})"
         )
+
+
+def early_checks(recipe: Recipe, overwrite: bool, resume: str | None, recipe_file: Path) -> None:
+    """`validate`'s checks that need no torch, in training's order: the output folder (a resume
+    checks its own later), the model folder and environment, then every row of local data. The
+    training stage repeats them (and the deep ones) under the run lock; this only makes them fast."""
+    from peftcli.cli.validate import data_lines
+    from peftcli.model.checks import check_environment
+    from peftcli.model.device import is_main_process
+    from peftcli.rundir import RECIPE, check_output_dir, is_run_dir
+    from peftcli.rundir.guard import protected_paths
+
+    out = recipe.run_dir
+    if is_main_process() and not resume:
+        # The run's own saved recipe (`peftcli train RUN/recipe.yaml`) lies in the run, of course.
+        own_recipe = recipe_file.resolve() == (out / RECIPE).resolve() and is_run_dir(out)
+        check_output_dir(out, overwrite, protected_paths(recipe, None if own_recipe else recipe_file))
+    check_environment(recipe, deep=False)
+    quiet, console.err.quiet = console.err.quiet, True  # the data notes are said once, by training
+    try:
+        data_lines(recipe)
+    finally:
+        console.err.quiet = quiet

@@ -27,7 +27,7 @@ from peftcli.model.checks import check_model_source
 from peftcli.model.load import load_model, quiet_libraries
 from peftcli.recipe import DataSource
 from peftcli.rundir import open_run
-from peftcli.rundir.eval_report import write_eval
+from peftcli.rundir.eval_report import check_eval_out, write_eval, write_eval_out
 from peftcli.rundir.lock import RunLock
 from peftcli.rundir.report import add_eval
 from peftcli.rundir.result import EvalResult, Forgetting, GenerationScores, Scores
@@ -221,8 +221,14 @@ def run_eval(
     batch_size: int = 8,
     generate: GenerateOptions | None = None,
     reference: str | None = None,
+    out: Path | None = None,
+    overwrite: bool = False,
 ) -> EvalResult:
+    """Base vs tuned, written into the run (eval.*, and its report and model card refreshed), or,
+    with `out`, into that folder alone: the run's own files are then left as they are."""
     run = open_run(run_path)
+    if out is not None:
+        check_eval_out(out, run.path, overwrite)  # before any model loads
     recipe = run.recipe()
     check_model_source(recipe.model)
     if data_path is not None:
@@ -235,8 +241,15 @@ def run_eval(
         raise UserError(
             f"{run_path}: the run has no eval data (no data.eval or data.eval_split)", hint="pass --data FILE"
         )
+    reference = reference or recipe.eval.reference
     with RunLock(run.path):  # no train --overwrite / --resume in this run while it is read and written to
-        return _evaluate(run, recipe, eval_only, data_path, batch_size, generate, reference or recipe.eval.reference)
+        result = _evaluate(run, recipe, eval_only, data_path, batch_size, generate, reference)
+        if out is None:
+            write_eval(run.path, result)
+            add_eval(run, result)
+            return result
+    write_eval_out(out, run.path, overwrite, result)
+    return result
 
 
 def _evaluate(run, recipe, eval_only, data_path, batch_size: int, generate, reference) -> EvalResult:
@@ -250,7 +263,7 @@ def _evaluate(run, recipe, eval_only, data_path, batch_size: int, generate, refe
         scored = {item.origin for item in data.eval}  # the same examples as the loss figures
         examples = [e for e in data.eval_examples if e.origin in scored]
         generation, predictions = generation_eval(models, examples, generate, recipe.training.seed)
-    result = EvalResult(
+    return EvalResult(
         run=str(run.path),
         data=str(data_path) if data_path else "run eval data",
         examples=len(data.eval),
@@ -260,6 +273,3 @@ def _evaluate(run, recipe, eval_only, data_path, batch_size: int, generate, refe
         generation=generation,
         predictions=predictions,
     )
-    write_eval(run, result)
-    add_eval(run, result)
-    return result

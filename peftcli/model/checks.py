@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from peftcli.errors import PATH_RULE, UserError
@@ -94,11 +95,55 @@ def check_model_source(model: ModelSection) -> None:
         )
 
 
+@dataclass(frozen=True)
+class FoundConfig:
+    """A model's config.json as a dict ({} when none could be read without network), and where it
+    came from or, when empty, why there is none: `validate` says it."""
+
+    config: dict
+    source: str
+
+
 def read_config(model: ModelSection) -> dict:
-    """config.json of a local model as a dict (no torch), or {} for a hub id."""
-    path = Path(model.name) / "config.json"
-    if not (is_local(model.name) and path.is_file()):
-        return {}
+    """config.json of the model as a dict (no torch), or {} when it cannot be read offline."""
+    return find_config(model).config
+
+
+def find_config(model: ModelSection) -> FoundConfig:
+    """config.json of a local folder; for a hub id, the copy in the local Hugging Face cache (no
+    network), else the shape peftcli ships for the recipes' models (model/known_shapes.py)."""
+    if is_local(model.name):
+        path = Path(model.name) / "config.json"
+        return FoundConfig(_parse_config(path), f"{path}") if path.is_file() else FoundConfig({}, f"no {path}")
+    cached = _cached_config(model.name, model.revision)
+    if cached is not None:
+        return FoundConfig(_parse_config(cached), f"the local Hugging Face cache ({cached})")
+    from peftcli.model.known_shapes import known_shape
+
+    shape = known_shape(model.name)
+    if shape is not None:
+        return FoundConfig(shape, f"peftcli's copy of {model.name}'s shape (not in the local Hugging Face cache)")
+    return FoundConfig(
+        {},
+        f"{model.name} is a hub id that is not in the local Hugging Face cache and not one of the shapes "
+        "peftcli knows (peftcli/model/known_shapes.py)",
+    )
+
+
+def _cached_config(hub_id: str, revision: str | None) -> Path | None:
+    """config.json of `hub_id` in the local Hugging Face cache, if it is there; never the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(hub_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - a name the hub would refuse (HFValidationError) has no cached copy
+        return None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def _parse_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:

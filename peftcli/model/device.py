@@ -193,3 +193,73 @@ def is_main_process() -> bool:
 def rank_prefix() -> str:
     """ "rank 1: " in a multi-process run, "" otherwise (for messages a single rank prints)."""
     return f"rank {os.environ.get('RANK', '0')}: " if world_size() > 1 else ""
+
+
+# Environment variables through which a user sets the CPU thread count themselves; peftcli then
+# keeps their choice.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class CpuFacts:
+    """What the CPU thread count depends on, read from the OS (no torch): model/speed.py decides."""
+
+    cores: int  # the machine's logical cores (the load average is spread over these)
+    affinity: int | None = None  # cores this process may run on (sched_getaffinity)
+    quota: float | None = None  # the cgroup's CPU quota, in cores; None = no quota
+    load: float | None = None  # 1-minute load average of the whole machine
+    user_threads: tuple[str, str] | None = None  # (variable, value) the user set
+    processes: int = 1  # training processes on this machine sharing the cores
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v2 cpu.max, v1 cfs_quota/period)."""
+    candidates = []
+    try:  # v2: "0::/path" names this process's own group under the unified root
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                candidates.append(root / line[3:].lstrip("/") / "cpu.max")
+    except OSError:
+        pass
+    candidates.append(root / "cpu.max")
+    for path in candidates:
+        try:
+            quota, _, period = path.read_text().strip().partition(" ")
+        except OSError:
+            continue
+        if quota == "max":
+            return None
+        try:
+            return int(quota) / int(period or "100000")
+        except ValueError:
+            return None
+    for folder in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        try:
+            quota_us = int((root / folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
+
+
+def cpu_facts() -> CpuFacts:
+    """This machine's CPU facts as the OS reports them now."""
+    try:
+        affinity: int | None = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        affinity = None
+    try:
+        load: float | None = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    user = next(((name, os.environ[name]) for name in THREAD_VARIABLES if os.environ.get(name)), None)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or "1")
+    return CpuFacts(os.cpu_count() or 1, affinity, cgroup_cpu_quota(), load, user, processes)
+
+
+def passive_cpu_wait() -> None:
+    """Idle OpenMP threads sleep instead of spinning (unless the user chose a policy): a spinning
+    thread steals the core that another process, or another of our threads, needs. Read once, when
+    torch loads its OpenMP runtime: call this before importing torch."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -154,36 +154,57 @@ def prepare_for_training(model, quant: QuantizationSection | None, gradient_chec
 
 
 def trainable_share(model_path: str) -> dict[str, str]:
-    """Trainable parameters (and % of all) per method on the model at `model_path`, on the meta
-    device: no weight is read or allocated."""
-    import tempfile
-    from pathlib import Path
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """Trainable parameters (and % of all) per method on the model at `model_path` (a folder or a hub
+    id: its config.json, from the local cache or peftcli's known shapes), counted from the shape by
+    the registry: no model is built, so any size takes milliseconds and no memory."""
     from peftcli.errors import UserError
-    from peftcli.methods import REGISTRY, MethodContext
+    from peftcli.methods import REGISTRY
+    from peftcli.model.checks import find_config
+    from peftcli.model.size import Shape
+    from peftcli.recipe import ModelSection
 
-    quiet_libraries()
+    name = os.path.abspath(os.path.expanduser(model_path)) if os.path.exists(model_path) else model_path
+    found = find_config(ModelSection(name=name))
+    if not found.config:
+        raise UserError(
+            f"--model {model_path}: cannot read a model config: {found.source}",
+            hint="name a model folder holding config.json, or download the model first",
+        )
+    config = found.config
     try:
-        config = AutoConfig.from_pretrained(model_path)
-    except Exception as exc:  # noqa: BLE001 - anything that is not a loadable config
-        raise UserError(f"--model {model_path}: cannot read a model config ({exc.__class__.__name__})") from None
+        shape = Shape.from_config(config)
+        base = shape.linear_params() + shape.other_params() + _bias_params(config, shape)
+    except (KeyError, TypeError, ZeroDivisionError) as exc:
+        raise UserError(
+            f"--model {model_path}: its config.json does not describe a decoder peftcli can count "
+            f"(missing or odd {exc})"
+        ) from None
+    model_type = config.get("model_type")
     shares: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        ctx = MethodContext(model_path, total_steps=1000, scratch_dir=Path(scratch))
-        for name, method in REGISTRY.items():
-            if method.model_types is not None and config.model_type not in method.model_types:
-                shares[name] = f"n/a ({config.model_type})"
-                continue
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
-            spec = method.spec.model_validate({"method": name})
-            try:
-                trainable, total = count_params(method.apply(spec, model, ctx))
-            except UserError as exc:
-                shares[name] = f"n/a ({exc.message})"
-                continue
-            shares[name] = f"{trainable:,} ({100 * trainable / total:.3f} %)"
+    for name, method in REGISTRY.items():
+        if method.model_types is not None and model_type not in method.model_types:
+            shares[name] = f"n/a ({model_type})"
+            continue
+        spec = method.spec.model_validate({"method": name})
+        try:
+            trainable = method.count_trainable(spec, shape)
+        except (UserError, ValueError) as exc:
+            shares[name] = f"n/a ({getattr(exc, 'message', exc)})"
+            continue
+        # As peft counts it: the adapter's parameters come on top of the base's; `full`/`freeze` train
+        # the base's own.
+        total = base if method.saves_full_model else base + trainable
+        shares[name] = f"{trainable:,} ({100 * trainable / max(total, 1):.3f} %)"
     return shares
+
+
+def _bias_params(config: dict, shape) -> int:
+    """Biases the shape leaves out: Qwen2's q/k/v projections, `attention_bias` (all four attention
+    projections) and `mlp_bias` in Llama-style configs."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    per_layer = 0
+    if config.get("model_type") == "qwen2" or config.get("attention_bias"):
+        per_layer += q + 2 * kv + (shape.hidden if config.get("attention_bias") else 0)
+    if config.get("mlp_bias"):
+        per_layer += 2 * shape.intermediate + shape.hidden
+    return shape.layers * per_layer

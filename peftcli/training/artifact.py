@@ -11,9 +11,10 @@ from peftcli import console
 from peftcli.errors import CheckFailed
 from peftcli.model.device import is_main_process, is_out_of_memory, sharded_launch
 from peftcli.recipe import Recipe
-from peftcli.rundir import TMP_PREFIX, artifact_dir, atomic_dir, replace_dir
+from peftcli.rundir import BEST_ADAPTER as BEST
+from peftcli.rundir import BEST_INFO, TMP_PREFIX, artifact_dir, atomic_dir, replace_dir
+from peftcli.rundir.report import write_card
 from peftcli.training.setup import Setup
-from peftcli.training.tracking import BEST, BEST_INFO
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,11 @@ class Kept:
 
 
 def save_artifact(recipe: Recipe, setup: Setup, model, folder: Path) -> None:
-    """The method's artifact (adapter, or full model) and the tokenizer with its chat template."""
+    """The method's artifact (adapter, or full model), the tokenizer with its chat template, and a
+    model card from the recipe in place of PEFT's empty template (the report adds the figures)."""
     setup.method.save(recipe.peft, model, folder, setup.ctx)
     setup.tokenizer.save_pretrained(folder)
+    write_card(folder, recipe)
 
 
 def keep_artifact(recipe: Recipe, setup: Setup, trainer, best_eval_loss: float | None) -> Kept:
@@ -65,6 +68,9 @@ def _final_eval(trainer, setup: Setup) -> float | None:
     here costs only this figure."""
     if not setup.data.eval:
         return None
+    logged = _eval_at_last_step(trainer.state)
+    if logged is not None:
+        return logged  # the trainer evaluated this very model already: one eval, logged once
     try:
         return trainer.evaluate()["eval_loss"]
     except Exception as exc:
@@ -76,6 +82,16 @@ def _final_eval(trainer, setup: Setup) -> float | None:
                 "--batch-size 1 computes it later)"
             )
         return None
+
+
+def _eval_at_last_step(state) -> float | None:
+    """The eval loss the trainer logged at the step training ended on, if any (it evaluates at the
+    last step whenever `eval_steps` is set). Every process appends the same, gathered, entries to its
+    log history, so all of them skip the collective eval together or none does."""
+    last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
+    if last is None or last.get("step") != state.global_step:
+        return None
+    return float(last["eval_loss"])
 
 
 def save_final(recipe: Recipe, setup: Setup, trainer, final: Path, main: bool) -> None:
@@ -96,6 +112,7 @@ def save_final(recipe: Recipe, setup: Setup, trainer, final: Path, main: bool) -
                     hint="convert the last checkpoint with accelerate's merge-weights tool",
                 )
             setup.tokenizer.save_pretrained(staging)
+            write_card(staging, recipe)
             replace_dir(staging, final)
     elif main:
         with atomic_dir(final) as tmp:

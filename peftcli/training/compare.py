@@ -39,6 +39,7 @@ from peftcli.rundir import (
     read_marker,
     remove_owned,
 )
+from peftcli.rundir.eval_report import markdown_cell, markdown_text
 from peftcli.rundir.lock import RunLock
 
 COLUMNS = (
@@ -178,39 +179,69 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         if row["status"] != "completed":
-            error = row["error"].replace("|", "\\|")
-            lines.append(f"| {row['method']} | failed: {error} |" + " |" * (len(COLUMNS) - 2))
+            lines.append(f"| {row['method']} | failed: {markdown_cell(row['error'])} |" + " |" * (len(COLUMNS) - 2))
             continue
         lines.append("| " + " | ".join(_cell(row.get(key), fmt) for _, key, fmt in COLUMNS) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+BAR_PANELS = (
+    ("trainable params", "trainable_params", True, "{:,.0f}"),
+    ("eval loss", "eval_loss", False, "{:.4f}"),
+    ("tokens/s", "train_tokens_per_s", False, "{:,.0f}"),
+    ("peak memory (MiB)", "peak_memory_mb", False, "{:,.0f}"),
+)
+
+
+def figure(rows: list[dict]):
+    """Every finished method's training loss overlaid, then one bar chart per figure of the table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peftcli.rundir.report import whole_steps
+
     done = [r for r in rows if r["status"] == "completed"]
-    panels = [
-        ("trainable params", "trainable_params", True),
-        ("eval loss", "eval_loss", False),
-        ("tokens/s", "train_tokens_per_s", False),
-        ("peak memory (MiB)", "peak_memory_mb", False),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=100)
-    for ax, (title, key, log) in zip(axes, panels):
-        values = [r.get(key) or 0 for r in done]
-        ax.bar([r["method"] for r in done], values, color="#4c72b0")
+    fig = plt.figure(figsize=(6 + 3.6 * len(BAR_PANELS), 3.8), dpi=100)
+    grid = fig.add_gridspec(1, 1 + len(BAR_PANELS), width_ratios=[1.7] + [1] * len(BAR_PANELS))
+    curves = fig.add_subplot(grid[0, 0])
+    for row in done:
+        history = row.get("loss_history") or []
+        steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
+        curves.plot(steps, losses, label=row["method"], linewidth=1.3, marker="." if len(history) < 30 else None)
+    curves.set_title("training loss")
+    curves.set_xlabel("optimizer step")
+    curves.set_ylabel("loss")
+    whole_steps(curves, [h["step"] for r in done for h in r.get("loss_history") or []])
+    curves.grid(alpha=0.3)
+    if any(row.get("loss_history") for row in done):
+        curves.legend(fontsize=8)
+    for index, (title, key, log, fmt) in enumerate(BAR_PANELS, start=1):
+        ax = fig.add_subplot(grid[0, index])
+        values = [r.get(key) for r in done]
+        bars = ax.bar([r["method"] for r in done], [v or 0 for v in values], color="#4c72b0")
+        ax.bar_label(bars, labels=[_cell(v, fmt) for v in values], padding=2, fontsize=7)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=45)
         if log and any(values):
             ax.set_yscale("log")
+        else:  # every figure here is >= 0: no negative axis, room above for the labels
+            top = max((v for v in values if v), default=0)
+            ax.set_ylim(0, top * 1.2 if top > 0 else 1)
     fig.tight_layout()
-    atomic_save_figure(fig, path)
+    return fig
 
 
-def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool = False) -> list[dict]:
+def plot(rows: list[dict], path: Path) -> None:
+    atomic_save_figure(figure(rows), path)
+
+
+def run_compare(
+    recipe: Recipe, methods: list[str], out: Path, overwrite: bool = False, as_json: bool = False
+) -> list[dict]:
+    """Train every method and write the comparison; with `as_json`, compare.json's object is printed
+    on stdout (also when some methods failed) and the table goes to stderr."""
     variants = check_methods(recipe, methods, out)  # every refusal before any training or writing
     check_replaceable(out, overwrite, "--out", (COMPARE_KIND,), flag="--overwrite", owns=_owned_by(out))
     if out.exists() and overwrite:
@@ -220,10 +251,10 @@ def run_compare(recipe: Recipe, methods: list[str], out: Path, overwrite: bool =
     atomic_write_json(out / MARKER, {"kind": COMPARE_KIND, "methods": methods})
     atomic_write_json(out / "compare.json", {"methods": methods, "status": "running"})
     with RunLock(out):  # one comparison at a time in this folder
-        return _compare(recipe, methods, variants, out)
+        return _compare(recipe, methods, variants, out, as_json)
 
 
-def _compare(recipe: Recipe, methods: list[str], variants: dict[str, Recipe], out: Path) -> list[dict]:
+def _compare(recipe: Recipe, methods: list[str], variants: dict[str, Recipe], out: Path, as_json: bool) -> list[dict]:
     rows = []
     for index, (method, recipe_variant) in enumerate(variants.items(), start=1):
         recipe_file = out / f"{method}.yaml"
@@ -262,9 +293,12 @@ def _compare(recipe: Recipe, methods: list[str], variants: dict[str, Recipe], ou
             "",
         ]
     )
-    atomic_write_text(out / "compare.md", text)
-    console.out.print(markdown_table(rows), markup=False)
-    console.out.print(f"written to {out / 'compare.md'} (+ compare.json, compare.png)")
+    atomic_write_text(out / "compare.md", markdown_text(text))
+    shown = console.err if as_json else console.out
+    shown.print(markdown_table(rows), markup=False)
+    shown.print(f"written to {out / 'compare.md'} (+ compare.json, compare.png)", markup=False)
+    if as_json:
+        print(json.dumps(summary, ensure_ascii=False))
     if failed:
         user = all(r.get("exit_code") == EXIT_USER for r in rows if r["status"] != "completed")
         raise MethodsFailed(

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from peftcli import console, interruption
+from peftcli.console import err as stderr_console
 from peftcli.errors import Interrupted, UserError
 from peftcli.model.checks import check_environment
 from peftcli.model.device import is_main_process, is_out_of_memory
 from peftcli.recipe import Recipe, recipe_to_yaml
 from peftcli.rundir import (
     RECIPE,
+    artifact_dir,
     atomic_write_text,
     check_output_dir,
     claim_run_dir,
@@ -37,9 +39,11 @@ from peftcli.training.artifact import keep_artifact, save_artifact
 from peftcli.training.data_notes import report_data
 from peftcli.training.failures import does_not_fit, interrupted_note, out_of_memory_error
 from peftcli.training.results import collect, eval_history
-from peftcli.training.setup import Setup, build_setup
-from peftcli.training.tracking import EvalTracker, loggers
+from peftcli.training.setup import LoadingStatus, Setup, build_setup
 from peftcli.training.trainer import build_trainer
+
+# Modules that import transformers (tracking, progress) are imported where they are used:
+# `cli/train.py` imports this module, and the libraries load under a status line (`build_setup`).
 
 
 @dataclass
@@ -99,20 +103,21 @@ def run_training(
             check_output_dir(out, overwrite, protected)
 
         # Phase 3, set up: tokenizer, data, model and method in memory; nothing written yet.
-        setup = _set_up(recipe)
+        status = claim.enter_context(LoadingStatus((console or stderr_console) if main else None))
+        setup = _set_up(recipe, status)
         try:
             # Phase 4, open the run files: only now, so a recipe or data error changes nothing on disk.
             if main:
                 _open_run_files(recipe, out, checkpoint, overwrite)
             # Phase 5, fit.
-            return _fit_keep_report(recipe, setup, out, checkpoint, console, command)
+            return _fit_keep_report(recipe, setup, out, checkpoint, console, command, status)
         finally:
             setup.scratch.cleanup()
 
 
-def _set_up(recipe: Recipe) -> Setup:
+def _set_up(recipe: Recipe, status: LoadingStatus) -> Setup:
     try:
-        return build_setup(recipe)
+        return build_setup(recipe, status)
     except Exception as exc:
         if is_out_of_memory(exc):  # the base itself does not fit: the most common OOM of all
             raise out_of_memory_error(recipe, None, 0) from None
@@ -132,11 +137,18 @@ def _open_run_files(recipe: Recipe, out: Path, checkpoint: Path | None, overwrit
 
 
 def _fit_keep_report(
-    recipe: Recipe, setup: Setup, out: Path, checkpoint: Path | None, progress_console, command: str
+    recipe: Recipe,
+    setup: Setup,
+    out: Path,
+    checkpoint: Path | None,
+    progress_console,
+    command: str,
+    status: LoadingStatus,
 ) -> TrainedRun:
-    from peftcli.training.progress import TrainingProgress
+    from peftcli.training.progress import TrainingProgress, print_summary
     from peftcli.training.resume import discard_after_load
     from peftcli.training.signals import GracefulStop
+    from peftcli.training.tracking import EvalTracker, loggers
 
     main, t = is_main_process(), recipe.training
     stop = GracefulStop()
@@ -149,10 +161,12 @@ def _fit_keep_report(
     progress = TrainingProgress(progress_console)
     # Resuming from an older checkpoint drops the later ones, once it has loaded (never before).
     after_load = [discard_after_load(out, checkpoint)] if main and checkpoint is not None else []
+    status.phase("preparing the trainer")
     trainer = build_trainer(
         recipe, setup, out, callbacks=[progress, stop, tracker, *after_load, *loggers(t.report_to, out)]
     )
     progress.token_counter = trainer.token_counter
+    status.stop()  # the progress bar takes over
     if main:
         report_data(setup, trainer, recipe)
 
@@ -179,6 +193,8 @@ def _fit_keep_report(
         adapter_is=kept.adapter_is,
     )
     _report(result)
+    if main:
+        print_summary(result, artifact_dir(out, setup.method), progress.console)
     return TrainedRun(result, trainer.model)
 
 

@@ -1,10 +1,13 @@
 """The `auto` settings for this training process: model/speed.py decides them (without torch, so
 `validate` shows the same choices); this probes the GPU the process trains on, with torch, and
-registers the attention kernel chosen, since the model is loaded with its name next."""
+registers the attention kernel chosen, since the model is loaded with its name next, and gives
+torch the CPU thread count chosen from the cores this process really has (model/speed.py)."""
 
 from __future__ import annotations
 
-from peftcli.model.device import torch_has_varlen
+import os
+
+from peftcli.model.device import cpu_facts, torch_has_varlen
 from peftcli.model.speed import VARLEN, Machine, Settings, decide
 from peftcli.recipe import Recipe
 
@@ -12,16 +15,19 @@ __all__ = ["Machine", "Settings", "probe", "resolve"]
 
 
 def probe() -> Machine:
-    """This process's GPU, with torch (the training stage imports it anyway)."""
+    """This process's GPU, with torch (the training stage imports it anyway), and its CPU."""
     import torch
 
+    # torch read it when it loaded its OpenMP runtime; `peftcli train` sets it before that.
+    policy = os.environ.get("OMP_WAIT_POLICY", "")
     if not torch.cuda.is_available():
-        return Machine(cuda=False, torch_varlen=torch_has_varlen())
+        return Machine(cuda=False, torch_varlen=torch_has_varlen(), cpu=cpu_facts(), omp_wait_policy=policy)
     from peftcli.model.device import local_device
 
     device = local_device()
     free, _ = torch.cuda.mem_get_info(device)
-    return Machine(True, torch.cuda.get_device_capability(device), free / 2**30, torch_has_varlen())
+    capability = torch.cuda.get_device_capability(device)
+    return Machine(True, capability, free / 2**30, torch_has_varlen(), omp_wait_policy=policy)
 
 
 def resolve(
@@ -44,4 +50,8 @@ def resolve(
         from peftcli.model.attention import register
 
         register()
+    if probed and settings.cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.cpu_threads)
     return settings
