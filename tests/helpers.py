@@ -29,6 +29,16 @@ def _load_script(name: str):
 make_tiny_model = _load_script("make_tiny_model")
 
 
+# A short conversation the mask tests render through many templates: (role, content) turns.
+TURNS = [
+    ("system", "Be brief."),
+    ("user", "After Monday?"),
+    ("assistant", "Tuesday"),
+    ("user", "And after that?"),
+    ("assistant", "Wednesday"),
+]
+
+
 def base_recipe(base_model: Path, out: Path, **sections) -> dict:
     """A small, fast recipe on the demo data; sections given as dicts are merged over the defaults."""
     recipe = {

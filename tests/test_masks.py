@@ -8,19 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO_TRAIN, base_recipe, trained_pieces, write_recipe
+from helpers import DEMO_TRAIN, TURNS, base_recipe, trained_pieces, write_recipe
 
 from peftcli.data import IGNORE, prepare_data
 from peftcli.errors import UserError
 from peftcli.recipe import DataSection
 
-TURNS = [
-    ("system", "Be brief."),
-    ("user", "After Monday?"),
-    ("assistant", "Tuesday"),
-    ("user", "And after that?"),
-    ("assistant", "Wednesday"),
-]
 CHAT_ROWS = {
     "messages": {"messages": [{"role": r, "content": c} for r, c in TURNS]},
     "sharegpt": {

@@ -10,19 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import base_recipe, trained_pieces, write_recipe
+from helpers import TURNS, base_recipe, trained_pieces, write_recipe
 
 from peftcli.data import IGNORE, prepare_data
 from peftcli.data.formats import Example, Turn
 from peftcli.recipe import DataSection
 
-TURNS = [
-    ("system", "Be brief."),
-    ("user", "After Monday?"),
-    ("assistant", "Tuesday"),
-    ("user", "And after that?"),
-    ("assistant", "Wednesday"),
-]
 # Llama 2's template, less its system prompt and BOS (the tiny tokenizer has none): `reply </s>`.
 LLAMA2 = (
     "{% for message in messages %}{% if message['role'] == 'user' %}"

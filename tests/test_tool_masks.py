@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import make_tiny_model, trained_pieces
+from helpers import TURNS, make_tiny_model, trained_pieces
 
 from peftcli.data import prepare_data
 from peftcli.data.encode import encode
@@ -447,15 +447,6 @@ def test_a_template_that_cannot_render_tool_calls_makes_a_bad_row(tokenizer, cas
         encode(tokenizer, example, "completions")
     assert "the chat template cannot render tool calls" in str(info.value)
     assert "set data.chat_template to one that can" in str(info.value)
-
-
-TURNS = [
-    ("system", "Be brief."),
-    ("user", "After Monday?"),
-    ("assistant", "Tuesday"),
-    ("user", "And after that?"),
-    ("assistant", "Wednesday"),
-]
 
 
 def _first_token_of_last_reply(item) -> int:
