@@ -18,7 +18,22 @@ from typing import Annotated
 import typer
 
 from peftcli import console, interruption
-from peftcli.cli import compare, convert, data, evaluate, generate, init, merge, methods, schema, train, validate
+from peftcli.cli import (
+    compare,
+    convert,
+    data,
+    evaluate,
+    export,
+    generate,
+    init,
+    merge,
+    methods,
+    schema,
+    serve,
+    train,
+    tune,
+    validate,
+)
 from peftcli.errors import EXIT_BUG, EXIT_USER, ReportedError, UserError
 
 app = typer.Typer(
@@ -54,8 +69,11 @@ app.command("validate")(validate.validate)
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
 app.command("merge")(merge.merge)
+app.command("export")(export.export)
 app.command("compare")(compare.compare)
+app.command("tune")(tune.tune)
 app.command("generate")(generate.generate)
+app.command("serve")(serve.serve)
 app.command("init")(init.init)
 app.command("schema")(schema.schema)
 app.add_typer(data.data_app, name="data")

@@ -41,5 +41,5 @@ def preview(
     quiet_libraries()
     tokenizer = load_tokenizer(resolved.model)
     data = prepare_data(resolved.data, tokenizer, resolved.training.seed)
-    packing = decide(resolved, probe_without_torch(detect_gpus())).packing  # as training would pack here
-    show(tokenizer, data, rows, as_json, resolved, console.out, packing)
+    chosen = decide(resolved, probe_without_torch(detect_gpus()))  # as training would pack and batch here
+    show(tokenizer, data, rows, as_json, resolved, console.out, chosen.packing, chosen.batch_size)

@@ -1,5 +1,6 @@
-"""`peftcli eval`: base vs tuned on held-out data (evaluation/), and its tables on the terminal (or,
-with --json, eval.json's object on stdout and the tables on stderr)."""
+"""`peftcli eval`: base vs tuned on held-out data (evaluation/), standard benchmarks with --tasks,
+and its tables on the terminal (or, with --json, eval.json's object on stdout and the tables on
+stderr)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,25 @@ def evaluate(
     reference: Annotated[
         Path | None, typer.Option("--reference", help="General text to measure forgetting on.")
     ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--tasks",
+            help="Benchmarks with lm-evaluation-harness, comma-separated: task names (hellaswag,arc_easy) "
+            "or task YAML files.",
+        ),
+    ] = None,
+    num_fewshot: Annotated[
+        int | None,
+        typer.Option("--num-fewshot", min=0, help="Few-shot examples per benchmark prompt (default: the task's)."),
+    ] = None,
+    task_limit: Annotated[
+        int | None,
+        typer.Option("--task-limit", min=1, help="At most N examples per benchmark task (a quick look)."),
+    ] = None,
+    chat_template: Annotated[
+        bool, typer.Option("--chat-template", help="Render benchmark prompts with the run's chat template.")
+    ] = False,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Write eval.json/.md/.png and predictions here; the run is left untouched."),
@@ -45,10 +65,12 @@ def evaluate(
         bool, typer.Option("--json", help="Print eval.json's object on stdout; the tables go to stderr.")
     ] = False,
 ) -> None:
-    """Base vs tuned on held-out data: loss, perplexity, token accuracy; generation scores; forgetting.
+    """Base vs tuned on held-out data: loss, perplexity, token accuracy; generation scores; forgetting;
+    standard benchmarks (--tasks).
 
-    [dim]Example: peftcli eval runs/demo --generate --max-new-tokens 16[/]
+    [dim]Example: peftcli eval runs/demo --generate --tasks recipes/tasks/calendar.yaml[/]
     """
+    from peftcli.evaluation.benchmarks import BenchmarkOptions
     from peftcli.evaluation.evaluate import GenerateOptions, run_eval
     from peftcli.rundir import open_run
 
@@ -63,6 +85,13 @@ def evaluate(
         )
     elif any(v is not None for v in (max_new_tokens, temperature, num_samples, limit)):
         raise UserError("--max-new-tokens, --temperature, --num-samples and --limit apply with --generate")
+    benchmarks = None
+    if tasks is not None:
+        benchmarks = BenchmarkOptions.from_flag(
+            tasks, num_fewshot=num_fewshot, limit=task_limit, chat_template=chat_template
+        )
+    elif num_fewshot is not None or task_limit is not None or chat_template:
+        raise UserError("--num-fewshot, --task-limit and --chat-template apply with --tasks")
     if overwrite and out is None:
         raise UserError(
             "--overwrite applies with --out", hint="without --out, eval replaces the run's eval.* as it always has"
@@ -77,6 +106,7 @@ def evaluate(
             reference=str(reference.resolve()) if reference else None,
             out=folder if out is not None else None,
             overwrite=overwrite,
+            benchmarks=benchmarks,
         )
     print_tables(result, console.err if as_json else console.out, folder)
     if as_json:
@@ -112,8 +142,41 @@ def print_tables(result, console, folder: Path) -> None:
             f"forgetting on {Path(f.reference).name}: perplexity {f.base_perplexity:.3f} -> "
             f"{f.tuned_perplexity:.3f} ({f.forgetting_percent:+.2f} %, threshold {f.threshold_percent:g} %){flag}"
         )
+    if result.benchmarks:
+        print_benchmarks(result.benchmarks, console)
     console.print(
         f"written to {folder / EVAL} (and {EVAL_MD}, {EVAL_PLOT}"
         + (", predictions.jsonl)" if result.generation else ")"),
         markup=False,
     )
+
+
+def print_benchmarks(benchmarks, console) -> None:
+    """The headline benchmark figures: base and tuned with their standard errors, the change with
+    its own, red where it is worse, flagged above the threshold."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from peftcli.rundir.eval_report import benchmark_cells, benchmark_setting
+
+    view = Table(title=f"benchmarks ({benchmark_setting(benchmarks)})")
+    for column in ("task", "metric", "base", "tuned", "change", "%"):
+        view.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    headline = [row for row in benchmarks.rows if row.headline]
+    for row in headline:
+        task, metric, base, tuned, change, percent = benchmark_cells(row)
+        colour = {True: "green", False: "red", None: "white"}[row.better]
+        flag = " [red bold]![/]" if row.flagged else ""
+        view.add_row(
+            escape(task), escape(metric), base, tuned, f"[{colour}]{change}[/]", f"[{colour}]{percent}[/]{flag}"
+        )
+    console.print(view)
+    details = len(benchmarks.rows) - len(headline)
+    if details:
+        console.print(f"{details} sub-task figures more in eval.md and eval.json", markup=False)
+    if benchmarks.flagged:
+        worse = sorted({row.task for row in benchmarks.rows if row.flagged})
+        console.print(
+            f"[red bold]![/] benchmark regression on {escape(', '.join(worse))}: worse by more than "
+            f"{benchmarks.threshold_percent:g} % of the base's figure (eval.benchmark_threshold), beyond noise"
+        )

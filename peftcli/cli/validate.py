@@ -98,11 +98,14 @@ def describe_recipe(recipe: Recipe) -> list[str]:
         )
     else:
         lines.append(f"base: {recipe.model.name} (hub id; not inspected offline)")
-    lines += fit_lines(recipe, config)
-    t = recipe.training
+    found = fit(recipe, config)
+    lines += fit_lines(found, config)
+    t, chosen = recipe.training, found.settings
     length = t.describe_length()
+    auto = " (batch_size: auto, on this machine)" if t.batch_size == "auto" else ""
     lines.append(
-        f"training: {length}, {t.batch_size} x {t.gradient_accumulation} examples per step, lr {t.learning_rate:g}"
+        f"training: {length}, {chosen.batch_size} x {chosen.gradient_accumulation} examples per step{auto}, "
+        f"lr {t.learning_rate:g}"
     )
     lines.append(f"output: {recipe.output.dir}")
     return lines
@@ -140,7 +143,13 @@ def fit(recipe: Recipe, config: dict) -> Fit:
     settings = decide(recipe, machine)
     try:
         # On a GPU, with checkpointing as resolved here; elsewhere, as a GPU would start (on, unless set).
-        guess = estimate(recipe, config, checkpointing=settings.gradient_checkpointing if machine.cuda else None)
+        # The micro-batch is the recipe's, or what batch_size: auto picks here.
+        guess = estimate(
+            recipe,
+            config,
+            checkpointing=settings.gradient_checkpointing if machine.cuda else None,
+            tokens=settings.batch_size * recipe.data.max_length,
+        )
     except (KeyError, TypeError, ZeroDivisionError):
         return Fit(gpus, settings, None)
     # As PEFT and the run report count it: a share of all parameters, the adapter's included.
@@ -148,10 +157,9 @@ def fit(recipe: Recipe, config: dict) -> Fit:
     return Fit(gpus, settings, guess, 100 * guess.trainable_params / max(everything, 1))
 
 
-def fit_lines(recipe: Recipe, config: dict) -> list[str]:
+def fit_lines(found: Fit, config: dict) -> list[str]:
     """What the `auto` settings become on this machine, the peak GPU memory estimate, and a warning
     when it exceeds the GPU found here."""
-    found = fit(recipe, config)
     gpus, guess = found.gpus, found.guess
     lines = [f"settings on {found.where}:", *(f"  {line}" for line in found.settings.lines())]
     if guess is None:

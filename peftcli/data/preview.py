@@ -100,8 +100,11 @@ def stats_table(data: PreparedData, batch_size: int, seed: int, packing: bool) -
     return table
 
 
-def show(tokenizer, data: PreparedData, rows: int, as_json: bool, recipe, out_console, packing: bool) -> None:
-    """`packing`: whether training on this machine packs (then no padding is estimated)."""
+def show(
+    tokenizer, data: PreparedData, rows: int, as_json: bool, recipe, out_console, packing: bool, batch_size: int
+) -> None:
+    """`packing`: whether training on this machine packs (then no padding is estimated); `batch_size`:
+    the micro-batch it trains with (training.batch_size, or what auto picks)."""
     items = data.train[:rows]
     if as_json:
         for item in items:
@@ -118,7 +121,7 @@ def show(tokenizer, data: PreparedData, rows: int, as_json: bool, recipe, out_co
         )
         out_console.print(render_example(tokenizer, item, marks))
     out_console.rule()
-    out_console.print(stats_table(data, recipe.training.batch_size, recipe.training.seed, packing))
+    out_console.print(stats_table(data, batch_size, recipe.training.seed, packing))
     for name, stats in (("train", data.train_stats), ("eval", data.eval_stats)):
         for reason, origins in stats.skipped_reasons.items():
             out_console.print(f"skipped ({name}): {reason}: {', '.join(origins)}", markup=False)

@@ -21,7 +21,7 @@ from peftcli.evaluation.generation import Prompt, active, generate, render_promp
 from peftcli.methods import method_of
 from peftcli.model.checks import check_model_source
 from peftcli.model.load import adapter_mismatch, is_shape_mismatch, load_model, load_tokenizer, quiet_libraries
-from peftcli.recipe import ModelSection
+from peftcli.recipe import ModelSection, Recipe
 from peftcli.rundir import open_run
 
 BASE = "base"
@@ -48,6 +48,26 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     return parsed
 
 
+def base_model(base: str | None, adapters: list[tuple[str, Recipe]]) -> ModelSection:
+    """The base the adapters attach to: --base (a folder, relative to the current directory, or a hub
+    id), else the one base they were all trained on (their recipes' `model` section)."""
+    if len({recipe.model.name for _, recipe in adapters}) > 1 and not base:
+        listed = ", ".join(f"{name}: {recipe.model.name}" for name, recipe in adapters)
+        raise UserError(
+            f"the adapters were trained on different bases ({listed})",
+            hint="give --base, and only adapters trained on it",
+        )
+    if not base:
+        if not adapters:
+            raise UserError("give --base MODEL, or at least one --adapter NAME=RUN")
+        return adapters[0][1].model
+    base = str(Path(base).resolve()) if Path(base).exists() else base
+    for name, recipe in adapters:
+        if recipe.model.name != base:
+            console.warn(f"adapter {name} was trained on {recipe.model.name}, not on --base {base}")
+    return ModelSection(name=base)
+
+
 class Session:
     """The base model with its adapters attached, and the tokenizer each one uses."""
 
@@ -56,12 +76,7 @@ class Session:
 
         runs = [(name, open_run(path)) for name, path in adapters]
         recipes = [run.recipe() for _, run in runs]
-        if len({r.model.name for r in recipes}) > 1 and not base:
-            listed = ", ".join(f"{name}: {r.model.name}" for (name, _), r in zip(runs, recipes))
-            raise UserError(
-                f"the adapters were trained on different bases ({listed})",
-                hint="give --base, and only adapters trained on it",
-            )
+        model_section = base_model(base, [(name, recipe) for (name, _), recipe in zip(runs, recipes)])
         methods = [method_of(r.peft) for r in recipes]
         if len({m.attach_group or m.name for m in methods}) > 1:
             raise UserError(
@@ -77,16 +92,8 @@ class Session:
         quantization = recipes[0].quantization if recipes else None
         if len({(r.quantization.describe() if r.quantization else None) for r in recipes}) > 1:
             quantization = None  # adapters trained on differently quantized bases: use full precision
-        first = recipes[0].model if recipes else None
-        # --base is typed on the command line: a path relative to the current directory, or a hub id.
-        base = str(Path(base).resolve()) if base and Path(base).exists() else base
-        model_section = ModelSection(name=base) if base else first
-        if model_section is None:
-            raise UserError("give --base MODEL, or at least one --adapter NAME=RUN")
-        for (name, _), recipe in zip(runs, recipes):
-            if base and recipe.model.name != base:
-                console.warn(f"adapter {name} was trained on {recipe.model.name}, not on --base {base}")
         check_model_source(model_section)
+        self.base_name = model_section.name
         quiet_libraries()
         with console.err.status(f"loading {model_section.name}"):
             self.model = load_model(model_section, quantization)
@@ -120,5 +127,10 @@ class Session:
 
         tokenizer = self.tokenizer_for(adapter)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        return self.complete(adapter, self.prompt(adapter, messages), streamer, **options)
+
+    def complete(self, adapter: str | None, prompt: Prompt, streamer=None, **options) -> str:
+        """The reply of one adapter (None: the base) to a ready prompt. Switching adapters changes
+        the model for every caller: callers on several threads take turns (peftcli serve's engine)."""
         with active(self.model, adapter) as model:
-            return generate(model, tokenizer, [self.prompt(adapter, messages)], streamer=streamer, **options)[0][0]
+            return generate(model, self.tokenizer_for(adapter), [prompt], streamer=streamer, **options)[0][0]

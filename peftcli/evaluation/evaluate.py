@@ -4,7 +4,9 @@
 - with `--generate`: completions of the eval prompts by both models, scored against the references
   (exact match, normalised exact match, token F1, ROUGE-L, length) -> predictions.jsonl, eval.md;
 - with `eval.reference` (or `--reference`): perplexity on general text the user wants to keep, and
-  the rise as "forgetting %", flagged above `eval.forgetting_threshold`.
+  the rise as "forgetting %", flagged above `eval.forgetting_threshold`;
+- with `--tasks`: standard benchmarks through lm-evaluation-harness (benchmarks.py), a drop above
+  `eval.benchmark_threshold` flagged.
 
 Both columns see the same weights, data, batches and precision: for adapter methods "base" is the
 same loaded model with the adapter switched off.
@@ -22,6 +24,7 @@ from peftcli import console
 from peftcli.data import IGNORE, Encoded, prepare_data
 from peftcli.errors import UserError
 from peftcli.evaluation import scoring
+from peftcli.evaluation.benchmarks import BenchmarkOptions, LoadedTasks, load_tasks, run_benchmarks
 from peftcli.methods import method_of
 from peftcli.model.checks import check_model_source
 from peftcli.model.load import load_model, quiet_libraries
@@ -223,6 +226,7 @@ def run_eval(
     reference: str | None = None,
     out: Path | None = None,
     overwrite: bool = False,
+    benchmarks: BenchmarkOptions | None = None,
 ) -> EvalResult:
     """Base vs tuned, written into the run (eval.*, and its report and model card refreshed), or,
     with `out`, into that folder alone: the run's own files are then left as they are."""
@@ -242,8 +246,9 @@ def run_eval(
             f"{run_path}: the run has no eval data (no data.eval or data.eval_split)", hint="pass --data FILE"
         )
     reference = reference or recipe.eval.reference
+    tasks = load_tasks(benchmarks) if benchmarks is not None else None  # before any model loads
     with RunLock(run.path):  # no train --overwrite / --resume in this run while it is read and written to
-        result = _evaluate(run, recipe, eval_only, data_path, batch_size, generate, reference)
+        result = _evaluate(run, recipe, eval_only, data_path, batch_size, generate, reference, benchmarks, tasks)
         if out is None:
             write_eval(run.path, result)
             add_eval(run, result)
@@ -252,7 +257,17 @@ def run_eval(
     return result
 
 
-def _evaluate(run, recipe, eval_only, data_path, batch_size: int, generate, reference) -> EvalResult:
+def _evaluate(
+    run,
+    recipe,
+    eval_only,
+    data_path,
+    batch_size: int,
+    generate,
+    reference,
+    benchmarks: BenchmarkOptions | None = None,
+    tasks: LoadedTasks | None = None,
+) -> EvalResult:
     models = EvalModels(run, recipe)
     data = _eval_data(recipe, models.tokenizer, eval_only, data_path)
     scores = models.score_both(data.eval, batch_size, "eval data")
@@ -263,6 +278,10 @@ def _evaluate(run, recipe, eval_only, data_path, batch_size: int, generate, refe
         scored = {item.origin for item in data.eval}  # the same examples as the loss figures
         examples = [e for e in data.eval_examples if e.origin in scored]
         generation, predictions = generation_eval(models, examples, generate, recipe.training.seed)
+    measured = None
+    if benchmarks is not None and tasks is not None:
+        threshold = recipe.eval.benchmark_threshold
+        measured = run_benchmarks(models.use, models.tokenizer, tasks, benchmarks, batch_size, threshold)
     return EvalResult(
         run=str(run.path),
         data=str(data_path) if data_path else "run eval data",
@@ -271,5 +290,6 @@ def _evaluate(run, recipe, eval_only, data_path, batch_size: int, generate, refe
         tuned=scores["tuned"],
         forgetting=lost,
         generation=generation,
+        benchmarks=measured,
         predictions=predictions,
     )

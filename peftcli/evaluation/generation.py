@@ -1,12 +1,14 @@
 """Generating text with a base model and any of its adapters: prompts rendered with the chat
 template the adapter was trained with, stopping at that template's end-of-turn token.
 
-Used by `peftcli eval --generate` (base vs tuned on the eval prompts) and `peftcli generate`
-(several adapters on one base, switched per prompt with PEFT's `set_adapter`).
+Used by `peftcli eval --generate` (base vs tuned on the eval prompts), `peftcli generate`
+(several adapters on one base, switched per prompt with PEFT's `set_adapter`) and `peftcli serve`
+(the same, behind an HTTP API: `ReplyStreamer` hands it the reply piece by piece, and its size).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -90,6 +92,18 @@ def _cut_at(text: str, marker: str) -> str:
     return text.split(marker, 1)[0] if marker else text
 
 
+def cut_reply(text: str, cuts: tuple[str, ...]) -> str:
+    """The reply: the decoded text up to the first of `cuts` (the end-of-turn marker, stop strings), stripped."""
+    for cut in cuts:  # cutting at each one's first occurrence in turn leaves the text before the earliest
+        text = _cut_at(text, cut)
+    return text.strip()
+
+
+def prompt_length(tokenizer, prompt: Prompt) -> int:
+    """Tokens the model is fed for `prompt`, encoded as generate() encodes it."""
+    return len(tokenizer(prompt.text, add_special_tokens=not prompt.chat)["input_ids"])
+
+
 @contextmanager
 def active(model, adapter: str | None):
     """Run `model` with one adapter active, or with adapters off (`None` = the base model)."""
@@ -115,15 +129,20 @@ def generate(
     batch_size: int = 8,
     streamer=None,
     seed: int = 0,
+    top_p: float = 1.0,
+    stop: tuple[str, ...] = (),
 ) -> list[list[str]]:
-    """Completions for each prompt (`num_samples` each), decoded without the prompt."""
+    """Completions for each prompt (`num_samples` each), decoded without the prompt and cut before
+    the first of the `stop` strings."""
     import torch
 
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     stops = stop_token_ids(tokenizer)
-    marker = end_marker_text(tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature, "num_return_sequences": num_samples}
+    cuts = (end_marker_text(tokenizer), *stop)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "num_return_sequences": num_samples}
+    # Stop strings end generation as soon as one is written (transformers matches them on tokens).
+    stop_strings = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
     outputs: list[list[str]] = [[] for _ in prompts]
     torch.manual_seed(seed)
     # A template writes its own BOS; a raw prompt gets the tokenizer's, as in training: batch each kind apart.
@@ -141,12 +160,84 @@ def generate(
                     eos_token_id=stops,
                     pad_token_id=tokenizer.pad_token_id,
                     streamer=streamer,
+                    **stop_strings,
                     **(sampling if temperature > 0 else {"do_sample": False}),
                 )
             texts = [
-                _cut_at(tokenizer.decode(t, skip_special_tokens=True), marker).strip()
+                cut_reply(tokenizer.decode(t, skip_special_tokens=True), cuts)
                 for t in generated[:, batch["input_ids"].shape[1] :]
             ]
             for n, i in enumerate(chunk):
                 outputs[i] = texts[n * num_samples : (n + 1) * num_samples]
     return outputs
+
+
+class Cancelled(Exception):
+    """The reader of a streamed reply went away: generation stops at the next token."""
+
+
+class ReplyStreamer:
+    """A streamer for generate() on one prompt: hands `on_text` the reply as it grows, exactly as
+    generate() returns it (cut before the end marker and the stop strings, stripped), and counts
+    the tokens of the prompt and of the reply.
+
+    Text is released a word at a time, as transformers' TextStreamer does: more tokens can still
+    change the end of a word (a multi-byte character, a tokenizer's clean-up), and what may be the
+    start of a stop string is held back until the next tokens say whether it is one. `finish` sends
+    the rest of the returned reply."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), on_text: Callable[[str], None] | None = None):
+        self.tokenizer = tokenizer
+        self.cuts = tuple(cut for cut in (end_marker_text(tokenizer), *stop) if cut)
+        self.stop_ids = set(stop_token_ids(tokenizer))
+        self.on_text = on_text
+        self.prompt_tokens: int | None = None
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False  # ended by a stop token or string, not by the length limit
+        self.cancelled = False
+
+    def put(self, value) -> None:
+        ids = value.reshape(-1).tolist()
+        if self.prompt_tokens is None:  # generate() hands over the prompt first
+            self.prompt_tokens = len(ids)
+            return
+        if self.cancelled:
+            raise Cancelled()
+        self.ids += ids
+        self.stopped = self.stopped or bool(ids and ids[-1] in self.stop_ids)
+        if self.on_text is not None:
+            self._release(self._settled())
+
+    def end(self) -> None:
+        pass
+
+    def _settled(self) -> str:
+        """The part of the reply that more tokens cannot change."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
+        if any(cut in text for cut in self.cuts):
+            return cut_reply(text, self.cuts)
+        head = text[: max(text.rfind(" "), text.rfind("\n")) + 1]  # whole words only
+        for cut in self.cuts:
+            held = next((n for n in range(min(len(cut) - 1, len(head)), 0, -1) if head.endswith(cut[:n])), 0)
+            head = head[: len(head) - held]
+        return head.strip()
+
+    def _release(self, text: str) -> None:
+        if self.on_text is not None and len(text) > len(self.sent) and text.startswith(self.sent):
+            self.on_text(text[len(self.sent) :])
+            self.sent = text
+
+    def finish(self, reply: str) -> None:
+        """Send what is left of `reply` (generate()'s answer), and note whether a stop string ended it."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.stopped = self.stopped or any(cut in text for cut in self.cuts)
+        self._release(reply)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.ids)
+
+    def finish_reason(self, max_new_tokens: int) -> str:
+        """OpenAI's: "length" when the reply was cut by the token limit, else "stop"."""
+        return "length" if not self.stopped and len(self.ids) >= max_new_tokens else "stop"

@@ -30,7 +30,9 @@ from peftcli.methods.lora import (
     apply_lora,
     count_adalora,
     count_lora,
+    lora_gguf_unexportable,
     lora_uncombinable,
+    lora_vllm_unservable,
     merge_base_is_dequantized,
     save_lora,
 )
@@ -78,6 +80,8 @@ _ROWS = [
         uncombinable=lora_uncombinable,
         attach_group="lora",
         merges_into_dequantized=merge_base_is_dequantized,
+        vllm_unservable=lora_vllm_unservable,
+        gguf_adapter_unexportable=lora_gguf_unexportable,
     ),
     Method(
         "dora",
@@ -92,6 +96,8 @@ _ROWS = [
         uncombinable=lora_uncombinable,
         attach_group="lora",
         merges_into_dequantized=merge_base_is_dequantized,
+        vllm_unservable=lora_vllm_unservable,
+        gguf_adapter_unexportable=lora_gguf_unexportable,
     ),
     Method(
         "adalora",

@@ -148,6 +148,14 @@ class Method:
     # What `merge` folds the adapter into: the original full-precision weights, or the 4-bit
     # weights dequantized (LoftQ adapters correct exactly those).
     merges_into_dequantized: Callable[[Any], bool] = field(default=lambda spec: False)
+    # Why vLLM's multi-LoRA server (`peftcli serve --engine vllm`) cannot load an adapter of this
+    # spec, or None when it can: vLLM applies plain low-rank updates to the linear layers only.
+    vllm_unservable: Callable[[Any], str | None] = field(default=lambda spec: "vLLM serves LoRA adapters only")
+    # Why `peftcli export --adapter-only` cannot write an adapter of this spec as a llama.cpp LoRA
+    # adapter, or None when it can: llama.cpp adds plain low-rank updates to linear layers only.
+    gguf_adapter_unexportable: Callable[[Any], str | None] = field(
+        default=lambda spec: "llama.cpp's adapters are plain LoRA updates"
+    )
 
     def keys(self) -> dict[str, Any]:
         """The recipe keys this method takes, with their defaults (as `method: <name>` resolves them)."""

@@ -97,6 +97,30 @@ def merge_base_is_dequantized(spec) -> bool:
     return getattr(spec, "init", None) == "loftq"
 
 
+def beyond_plain_lora(spec: LoraSpec) -> str | None:
+    """What the adapter holds beyond plain low-rank updates of linear layers (any scaling), which is
+    all that other engines' LoRA formats (vLLM, llama.cpp) carry; None for a plain LoRA."""
+    if spec.use_dora:
+        return "DoRA's magnitude vectors"
+    if spec.modules_to_save:
+        return f"whole trained modules (peft.modules_to_save: {', '.join(spec.modules_to_save)})"
+    if spec.bias != "none":
+        return f"trained biases (peft.bias: {spec.bias})"
+    if spec.init == "loftq":
+        return "a LoftQ correction of the 4-bit weights it was fitted to"
+    return None
+
+
+def lora_vllm_unservable(spec: LoraSpec) -> str | None:
+    extra = beyond_plain_lora(spec)
+    return f"vLLM does not load {extra}" if extra else None
+
+
+def lora_gguf_unexportable(spec: LoraSpec) -> str | None:
+    extra = beyond_plain_lora(spec)
+    return f"llama.cpp's adapters do not carry {extra}" if extra else None
+
+
 def save_lora(spec: LoraSpec, model, out: Path, ctx: MethodContext) -> None:
     if spec.init in _REWRITES_BASE:
         # Turn the adapter into a plain LoRA (rank doubled) that applies to the *original* base, so

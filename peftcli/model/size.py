@@ -113,6 +113,12 @@ class Estimate:
         )
 
 
+def estimated_micro_batch(training) -> int:
+    """The micro-batch an estimate assumes: the recipe's, or with batch_size: auto the smallest one
+    (what `auto` checkpointing decides on; the batch is then picked to fill what is left)."""
+    return training.batch_size if isinstance(training.batch_size, int) else 1
+
+
 def trainable_params(peft, shape: Shape) -> int:
     """Trainable parameters of the method: the registry's count for it (methods/)."""
     return method_of(peft).count_trainable(peft, shape)
@@ -140,7 +146,7 @@ def estimate(recipe, config: dict, checkpointing: bool | None = None, tokens: in
     if checkpointing is None:
         setting = recipe.training.gradient_checkpointing
         checkpointing = setting if isinstance(setting, bool) else method.checkpointing
-    tokens = tokens or recipe.training.batch_size * recipe.data.max_length
+    tokens = tokens or estimated_micro_batch(recipe.training) * recipe.data.max_length
     layer = shape.saved_per_token_layer(width, residual)
     stored = (shape.layers * shape.hidden * residual + layer) if checkpointing else shape.layers * layer
     per_token = stored + shape.backward_working_per_token(width)
@@ -153,4 +159,80 @@ def estimate(recipe, config: dict, checkpointing: bool | None = None, tokens: in
         tokens,
         checkpointing,
         dtype,
+    )
+
+
+# --- batch_size: auto ---------------------------------------------------------------------------
+
+
+def split(effective: int, cap: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) for `effective` examples per step with micro-batches of at most
+    `cap`: the fewest accumulation steps; exactly `effective` when up to twice as many steps allow
+    it (16 with a cap of 15 is 8 x 2, not 15 x 2), else micro-batches as even as possible, which
+    overshoot by less than one example per step (17 with a cap of 10 is 9 x 2)."""
+    cap = max(1, min(cap, effective))
+    fewest = -(-effective // cap)
+    for steps in range(fewest, 2 * fewest + 1):
+        if effective % steps == 0:
+            return effective // steps, steps
+    return -(-effective // fewest), fewest
+
+
+def pick(budget_bytes: float, per_example_bytes: float, fixed_bytes: float, margin: float, effective: int):
+    """(micro-batch, accumulation): the largest micro-batch whose estimate, `fixed_bytes` (weights,
+    trainable state) plus `per_example_bytes` per example, fits `budget_bytes` with `margin` on top
+    (0.15 = 15 %), and the accumulation that keeps `effective` examples per step. (1, effective)
+    when not even one example fits: the trial step then says so."""
+    usable = budget_bytes / (1 + margin) - fixed_bytes
+    fits = int(usable // per_example_bytes) if per_example_bytes > 0 else effective
+    return split(effective, max(1, fits))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro: int  # examples per device per micro-batch
+    accumulation: int
+    reason: str
+
+
+def plan_batch(
+    recipe, config: dict, cuda: bool, free_gib: float | None, checkpointing: bool, margin: float, reserve_gib: float
+) -> BatchPlan:
+    """The batch a recipe trains with on a machine: its own numbers, or for batch_size: auto the
+    largest micro-batch of data.max_length tokens per example that the fit estimate puts in
+    `free_gib` less `reserve_gib` with `margin` (on a GPU; the trial step confirms it), and on a CPU
+    a small one. Either way the accumulation keeps training.effective_batch_size per step, over
+    WORLD_SIZE processes."""
+    import os
+
+    from peftcli.recipe.schema import CPU_MICRO_BATCH
+
+    t = recipe.training
+    if isinstance(t.batch_size, int):
+        return BatchPlan(t.batch_size, t.gradient_accumulation, "set in the recipe")
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    per_device = -(-t.target_batch // world)
+    keeps = f"to keep {t.target_batch} examples per step" + (f" over {world} processes" if world > 1 else "")
+    if not cuda:
+        micro, steps = split(per_device, CPU_MICRO_BATCH)
+        return BatchPlan(micro, steps, f"auto: a small micro-batch on CPU, where memory is not the limit, {keeps}")
+    try:
+        guess = estimate(recipe, config, checkpointing, tokens=recipe.data.max_length) if config else None
+    except (KeyError, TypeError, ZeroDivisionError):
+        guess = None
+    if guess is None or free_gib is None:
+        micro, steps = split(per_device, CPU_MICRO_BATCH)
+        unknown = "the model's shape" if guess is None else "the free GPU memory"
+        return BatchPlan(micro, steps, f"auto: {unknown} is unknown, so a small micro-batch, {keeps}")
+    budget = (free_gib - reserve_gib) * GIB
+    fixed = (guess.weights_gib + guess.trainable_gib) * GIB
+    micro, steps = pick(budget, guess.activations_gib * GIB, fixed, margin, per_device)
+    room = f"{free_gib:.1f} GiB free less {reserve_gib:g} GiB, with a {margin:.0%} margin"
+    if fixed + guess.activations_gib * GIB > budget / (1 + margin):
+        return BatchPlan(micro, steps, f"auto: by the fit estimate not even one example fits {room}")
+    return BatchPlan(
+        micro,
+        steps,
+        f"auto: the largest micro-batch of {recipe.data.max_length:,} tokens per example that fits {room} by the "
+        f"fit estimate, {keeps}",
     )

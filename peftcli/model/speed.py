@@ -7,6 +7,7 @@
 | training.gradient_checkpointing | on only when the run would not fit without it (below) | off |
 | training.liger | on if liger-kernel is installed | off |
 | training.tf32 | on for Ampere and newer | off |
+| training.batch_size | the largest micro-batch that fits (model/size.py) | 4 |
 
 Packed training is padding-free and exact: position ids restart at each example and each example
 attends to itself only. The kernel, fastest first:
@@ -22,6 +23,8 @@ per-example sdpa elsewhere (CPU, where packing is only on when the recipe asks f
 
 Gradient checkpointing (`auto`) stays off when the fit estimate without it, plus 15 % and 1 GiB,
 fits in the GPU's free memory: off is ~35 % faster where memory allows. Prefix tuning never uses it.
+With `batch_size: auto` that estimate is for a micro-batch of one example, and the batch is then
+picked to fill the memory left (model/size.py: `plan_batch`; training/batch.py confirms it).
 
 Every choice is recorded in metrics.json (`settings`) and report.md, `validate` prints it, and each
 can be set explicitly in the recipe. The bench measures them on and off. This module decides from a
@@ -83,6 +86,10 @@ class Settings:
     omp_wait_policy: str = ""
     # Where the model's shape (config.json) came from, or why there is none (then no fit estimate).
     model_shape: str = ""
+    # The micro-batch and accumulation trained with (training.batch_size: auto picks them), and why.
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    batch_reason: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,6 +115,7 @@ class Settings:
             f"gradient checkpointing: {'on' if self.gradient_checkpointing else 'off'} ({self.checkpointing_reason})",
             f"liger kernels: {'on' if self.liger else 'off'}, tf32: {'on' if self.tf32 else 'off'}, "
             f"compile: {'on' if self.compile else 'off'}",
+            f"batch: {self.batch_size} x {self.gradient_accumulation} accumulation per device ({self.batch_reason})",
             f"cpu threads: {self.cpu_threads or 'default'} ({self.cpu_threads_reason}); "
             f"OpenMP wait policy: {self.omp_wait_policy or 'default (spinning)'}",
             f"model shape: {self.model_shape}"
@@ -215,6 +223,7 @@ def _checkpointing(recipe: Recipe, machine: Machine, config: dict, method: Metho
 def decide(recipe: Recipe, machine: Machine) -> Settings:
     """The settings `recipe` gets on `machine`."""
     from peftcli.model.checks import find_config
+    from peftcli.model.size import plan_batch
 
     method = method_of(recipe.peft)
     t, d = recipe.training, recipe.data
@@ -227,6 +236,7 @@ def decide(recipe: Recipe, machine: Machine) -> Settings:
     else:
         layout = ("varlen" if "flash" in str(attn) or attn == VARLEN else "rows") if packing else "padded"
     checkpointing, why = _checkpointing(recipe, machine, config, method)
+    batch = plan_batch(recipe, config, machine.cuda, machine.free_gib, checkpointing, MARGIN, RESERVE_GIB)
     liger = t.liger if isinstance(t.liger, bool) else machine.cuda and _installed("liger_kernel")
     tf32 = t.tf32 if isinstance(t.tf32, bool) else bool(machine.capability and machine.capability[0] >= 8)
     if machine.cuda:
@@ -248,4 +258,7 @@ def decide(recipe: Recipe, machine: Machine) -> Settings:
         cpu_threads_reason=threads_why,
         omp_wait_policy=machine.omp_wait_policy,
         model_shape=f"from {found.source}" if config else NO_SHAPE + found.source,
+        batch_size=batch.micro,
+        gradient_accumulation=batch.accumulation,
+        batch_reason=batch.reason,
     )

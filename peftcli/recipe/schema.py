@@ -151,6 +151,10 @@ class DataSection(Strict):
 
 
 DEFAULT_EPOCHS = 1.0
+# batch_size: auto keeps this many examples per optimizer step unless effective_batch_size says otherwise,
+# in micro-batches of CPU_MICRO_BATCH on a CPU (where memory is not what limits the batch).
+DEFAULT_EFFECTIVE_BATCH = 16
+CPU_MICRO_BATCH = 4
 
 
 class TrainingSection(Strict):
@@ -158,8 +162,21 @@ class TrainingSection(Strict):
     epochs: PositiveFloat | None = Field(
         None, description=f"Passes over the data ({DEFAULT_EPOCHS:g} when neither is set)."
     )
-    batch_size: PositiveInt = Field(4, description="Examples per device per step.")
-    gradient_accumulation: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        4,
+        description="Examples per device per micro-batch. auto = the largest that fits the free GPU memory by the "
+        "fit estimate (+15 % + 1 GiB), confirmed by a trial step that backs off if it runs out of memory; "
+        f"{CPU_MICRO_BATCH} on CPU. gradient_accumulation is then chosen to keep effective_batch_size.",
+    )
+    gradient_accumulation: PositiveInt = Field(
+        1, description="Micro-batches per optimizer step (chosen by batch_size: auto; leave it at 1 then)."
+    )
+    effective_batch_size: PositiveInt | None = Field(
+        None,
+        description="Examples per optimizer step over all devices, which batch_size: auto keeps by choosing "
+        f"gradient_accumulation ({DEFAULT_EFFECTIVE_BATCH} when unset). With a numeric batch_size it is only "
+        "checked: a multiple of batch_size x gradient_accumulation (the factor is the number of devices).",
+    )
     learning_rate: PositiveFloat = Field(2.0e-4, description="Peak learning rate.")
     lr_scheduler: Literal[
         "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
@@ -208,6 +225,42 @@ class TrainingSection(Strict):
     def describe_length(self) -> str:
         return f"{self.max_steps} steps" if self.max_steps else f"{self.effective_epochs:g} epochs"
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value: Any) -> Any:
+        # One message instead of one per branch of the union ("not an integer", "not 'auto'").
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        if isinstance(value, str) and value.strip().isdigit() and int(value) > 0:
+            return int(value)
+        if isinstance(value, float) and value.is_integer() and value > 0:
+            return int(value)
+        if isinstance(value, bool):
+            raise ValueError("expects a whole number above 0 or auto, not true/false")
+        raise ValueError("expects a whole number above 0, or auto")
+
+    @property
+    def target_batch(self) -> int:
+        """Examples per optimizer step that batch_size: auto keeps (over all devices)."""
+        return self.effective_batch_size or DEFAULT_EFFECTIVE_BATCH
+
+    @model_validator(mode="after")
+    def _batch_keys_agree(self) -> TrainingSection:
+        if self.batch_size == "auto" and self.gradient_accumulation != 1:
+            raise ValueError(
+                "gradient_accumulation is chosen by batch_size: auto (to keep effective_batch_size); remove it, "
+                "or give batch_size a number"
+            )
+        if isinstance(self.batch_size, int) and self.effective_batch_size is not None:
+            per_step = self.batch_size * self.gradient_accumulation
+            if self.effective_batch_size % per_step:
+                raise ValueError(
+                    f"effective_batch_size {self.effective_batch_size} is not a multiple of batch_size x "
+                    f"gradient_accumulation ({self.batch_size} x {self.gradient_accumulation}); set batch_size: "
+                    "auto to have gradient_accumulation chosen, or drop effective_batch_size"
+                )
+        return self
+
 
 class EvalSection(Strict):
     reference: Name | None = Field(
@@ -215,6 +268,11 @@ class EvalSection(Strict):
     )
     forgetting_threshold: NonNegativeFloat = Field(
         5.0, description="Perplexity rise on the reference, in %, that the report flags."
+    )
+    benchmark_threshold: NonNegativeFloat = Field(
+        5.0,
+        description="Benchmarks (eval --tasks): a task's figure worse by more than this, in % of the base's, "
+        "is flagged (unless within twice the change's standard error).",
     )
     max_new_tokens: PositiveInt = Field(64, description="Generation eval: tokens generated per prompt.")
     temperature: NonNegativeFloat = Field(0.0, description="Generation eval: 0 = greedy.")

@@ -1,6 +1,7 @@
 """What `peftcli eval` leaves in the run (or in `--out DIR`), rendered from its EvalResult: eval.json,
 eval.md with the best and worst generated examples side by side, eval.png (base vs tuned bars, with
-their values and which way is better), and an eval section in the run's report.md and model card.
+their values and which way is better), and an eval section in the run's report.md and model card,
+the benchmark table (`eval --tasks`) included.
 The terminal tables are the command's (cli/evaluate.py).
 
 Markdown written here (and by report.py) goes through `markdown_text` / `markdown_cell`: model
@@ -20,7 +21,7 @@ from peftcli.redact import redact
 from peftcli.rundir.guard import check_replaceable, has_content, remove_owned
 from peftcli.rundir.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from peftcli.rundir.layout import EVAL, EVAL_MD, EVAL_PLOT, MARKER, PREDICTIONS
-from peftcli.rundir.result import EvalResult
+from peftcli.rundir.result import BenchmarkRow, Benchmarks, EvalResult
 
 LOSS_ROWS = (("loss", "lower"), ("perplexity", "lower"), ("token_accuracy", "higher"))
 GEN_ROWS = (
@@ -71,6 +72,61 @@ def rows_of(base, tuned, rows) -> list[tuple[str, str, str, str, bool | None]]:
     ]
 
 
+def _figure(value: float, stderr: float | None, sign: str = "") -> str:
+    def number(x: float, sign: str = "") -> str:
+        return f"{x:{sign}.4f}" if abs(x) < 1e4 else f"{x:{sign}.4g}"  # word perplexities run to 1e8
+
+    return number(value, sign) + ("" if stderr is None else f" ± {number(stderr)}")
+
+
+def benchmark_cells(row: BenchmarkRow) -> tuple[str, str, str, str, str, str]:
+    """(task, metric, base, tuned, change, change %) as shown: figures with their standard errors,
+    the change with its own, then in % of the base; ↓ marks a metric where lower is better."""
+    return (
+        row.task,
+        row.metric + (" ↓" if row.higher_is_better is False else ""),
+        _figure(row.base, row.base_stderr),
+        _figure(row.tuned, row.tuned_stderr),
+        _figure(row.change, row.change_stderr, "+"),
+        "" if row.change_percent is None else f"{row.change_percent:+.1f} %",
+    )
+
+
+def benchmark_setting(benchmarks: Benchmarks) -> str:
+    """How the benchmarks ran, in a few words (the figures depend on each of these)."""
+    shots = "each task's few-shot" if benchmarks.num_fewshot is None else f"{benchmarks.num_fewshot}-shot"
+    words = [f"lm-eval {benchmarks.lm_eval_version}", shots]
+    if benchmarks.chat_template:
+        words.append("chat template")
+    if benchmarks.limit is not None:
+        words.append(f"at most {benchmarks.limit} examples per task")
+    return ", ".join(words)
+
+
+def benchmark_table(rows: list[BenchmarkRow]) -> list[str]:
+    lines = ["| task | metric | base | tuned | change | % | |", "|---|---|---:|---:|---:|---:|---|"]
+    for row in rows:
+        task, metric, base, tuned, change, percent = (markdown_cell(cell) for cell in benchmark_cells(row))
+        flag = "**regression**" if row.flagged else ""
+        lines.append(f"| {task} | {metric} | {base} | {tuned} | {change} | {percent} | {flag} |")
+    return lines
+
+
+def benchmark_lines(benchmarks: Benchmarks) -> list[str]:
+    """Markdown: the headline benchmark figures (eval.md, report.md and the model card)."""
+    lines = [
+        f"Benchmarks ({benchmark_setting(benchmarks)}): figure ± standard error (↓: lower is better). A figure "
+        f"worse by more than {benchmarks.threshold_percent:g} % of the base's is flagged, unless the change is "
+        "within twice its standard error (noise).",
+        "",
+        *benchmark_table([row for row in benchmarks.rows if row.headline]),
+    ]
+    if benchmarks.flagged:
+        worse = sorted({row.task for row in benchmarks.rows if row.flagged})
+        lines += ["", f"**Benchmark regression** on {', '.join(f'`{markdown_cell(t)}`' for t in worse)}."]
+    return lines
+
+
 def summary_lines(result: EvalResult) -> list[str]:
     """Markdown: the eval figures (used by eval.md and report.md)."""
     lines = [
@@ -107,6 +163,8 @@ def summary_lines(result: EvalResult) -> list[str]:
         lines += [
             f"| {k} | {b} | {t} | {c} |" for k, b, t, c, _ in rows_of(generation.base, generation.tuned, GEN_ROWS)
         ]
+    if result.benchmarks:
+        lines += ["", *benchmark_lines(result.benchmarks)]
     return lines
 
 
@@ -212,6 +270,9 @@ def write_eval(folder: Path, result: EvalResult) -> None:
     plot(result, folder / EVAL_PLOT)
     name = Path(result.run).name
     lines = [f"# Eval of `{name}`: base vs tuned", "", *summary_lines(result), "", f"![eval]({EVAL_PLOT})"]
+    details = [row for row in result.benchmarks.rows if not row.headline] if result.benchmarks else []
+    if details:
+        lines += ["", "## Benchmark sub-tasks", "", *benchmark_table(details)]
     if predictions:
         ranked = sorted(predictions, key=lambda r: r["scores"]["tuned"]["rouge_l"])
         lines += [

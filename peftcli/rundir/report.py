@@ -120,7 +120,7 @@ def render_report(r: RunResult, has_plot: bool, evaluation: EvalResult | None = 
         f"- method: **{r.method}** — {_method_digest(recipe.peft)}",
         f"- data: {data.train.rows} training rows, {data.eval.rows} eval rows, max_length {d.max_length}, "
         f"chat template: {data.chat_template or 'none'}",
-        f"- training: {t.describe_length()}, batch {t.batch_size} x {t.gradient_accumulation} accumulation, "
+        f"- training: {t.describe_length()}, batch {_batch(r)} accumulation, "
         f"lr {t.learning_rate:g} ({t.lr_scheduler}), seed {t.seed}",
         "",
         "## Parameters",
@@ -183,6 +183,14 @@ def _eval_lines(r: RunResult) -> list[str]:
 def _method_digest(peft) -> str:
     values = peft.model_dump(exclude={"method"}, exclude_defaults=False)
     return ", ".join(f"{k}={v}" for k, v in values.items() if v not in (None, [], {}))
+
+
+def _batch(r: RunResult) -> str:
+    """The batch that trained, "8 x 2" (batch_size: auto: what the settings say it picked)."""
+    t, chosen = r.recipe.training, r.settings or {}
+    if t.batch_size == "auto" and chosen.get("batch_size"):
+        return f"{chosen['batch_size']} (auto) x {chosen['gradient_accumulation']}"
+    return f"{t.batch_size} x {t.gradient_accumulation}"
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -300,7 +308,7 @@ def _training_lines(r: RunResult) -> list[str]:
     t = r.recipe.training
     lines = [
         "## Training",
-        f"- {r.steps} steps ({r.epochs:g} epochs), batch {t.batch_size} x {t.gradient_accumulation} accumulation, "
+        f"- {r.steps} steps ({r.epochs:g} epochs), batch {_batch(r)} accumulation, "
         f"lr {t.learning_rate:g} ({t.lr_scheduler}), seed {t.seed}",
         f"- final train loss {_fmt(r.train_loss)}, eval loss {_fmt(r.eval_loss)}",
     ]

@@ -130,8 +130,54 @@ class GenerationScores:
 
 
 @dataclass(frozen=True)
+class BenchmarkRow:
+    """One metric of one lm-eval task (or group), base vs tuned. `headline` rows are the tasks asked
+    for; the others are the sub-tasks of a group. The change's standard error is paired (over the
+    same examples) for a mean of per-example scores, else combined from the two standard errors."""
+
+    task: str
+    metric: str  # acc, acc_norm, ..., with lm-eval's filter when it is not "none": "exact_match (strict-match)"
+    base: float
+    tuned: float
+    base_stderr: float | None
+    tuned_stderr: float | None
+    change: float
+    change_stderr: float | None
+    change_percent: float | None  # relative to the base; None when the base is 0
+    higher_is_better: bool | None
+    examples: int | None
+    headline: bool
+    flagged: bool  # worse by more than the threshold
+
+    @property
+    def better(self) -> bool | None:
+        """Did the tuned model do better? None when unchanged or the metric has no direction."""
+        if self.higher_is_better is None or self.change == 0:
+            return None
+        return (self.change > 0) == self.higher_is_better
+
+
+@dataclass(frozen=True)
+class Benchmarks:
+    """`peftcli eval --tasks`: lm-evaluation-harness on the base and on base + adapter."""
+
+    tasks: list[str]  # as asked: names or task YAML files
+    lm_eval_version: str
+    num_fewshot: int | None  # None: each task's own
+    limit: int | None
+    chat_template: bool
+    threshold_percent: float
+    rows: list[BenchmarkRow]
+
+    @property
+    def flagged(self) -> bool:
+        return any(row.flagged for row in self.rows)
+
+
+@dataclass(frozen=True)
 class EvalResult:
-    """One `peftcli eval`: the eval.json keys; `forgetting` and `generation` only when measured."""
+    """One `peftcli eval`: the eval.json keys; `forgetting`, `generation` and `benchmarks` only when
+    measured."""
 
     run: str
     data: str
@@ -140,6 +186,7 @@ class EvalResult:
     tuned: Scores
     forgetting: Forgetting | None = None
     generation: GenerationScores | None = None
+    benchmarks: Benchmarks | None = None
     # Every generated example with its scores (predictions.jsonl, and eval.md's best and worst).
     predictions: list[dict] = field(default_factory=list, repr=False)
 
@@ -163,4 +210,6 @@ class EvalResult:
             out["forgetting"] = asdict(self.forgetting)
         if self.generation is not None:
             out["generation"] = asdict(self.generation)
+        if self.benchmarks is not None:
+            out["benchmarks"] = {**asdict(self.benchmarks), "flagged": self.benchmarks.flagged}
         return out

@@ -13,16 +13,22 @@ from peftcli.rundir import ADAPTER, MODEL, is_run_dir
 
 def out_of_memory_error(recipe: Recipe, settings, step: int) -> UserError:
     t, quant = recipe.training, recipe.quantization
+    # What trained: the recipe's numbers, or the ones batch_size: auto picked (known once set up).
+    micro = settings.batch_size if settings else t.batch_size
     knobs = [
         f"lower training.batch_size and raise training.gradient_accumulation (same effective batch of "
-        f"{t.batch_size * t.gradient_accumulation})",
+        f"{t.batch_size * t.gradient_accumulation})"
+        if isinstance(t.batch_size, int)
+        else f"set a training.batch_size below the {micro} that auto picked"
+        if settings
+        else None,
         "set training.gradient_checkpointing: true" if not (settings and settings.gradient_checkpointing) else None,
         f"lower data.max_length ({recipe.data.max_length})",
         "quantize the base (quantization.bits: 4)" if quant is None else None,
     ]
     where = f"at step {step}" if step else "while loading the model"
     error = UserError(
-        f"out of memory {where} with training.batch_size {t.batch_size}, data.max_length "
+        f"out of memory {where} with training.batch_size {micro}, data.max_length "
         f"{recipe.data.max_length}, quantization {quant.describe() if quant else 'none'}",
         hint="; ".join(k for k in knobs if k) + ". Checkpoints saved so far are kept (resume with --resume).",
     )

@@ -77,10 +77,11 @@ def run_training(
     console=None,
     source: str | None = None,
     recipe_file: Path | None = None,
+    callbacks: Sequence = (),
 ) -> TrainedRun:
     """Train as the recipe says. `resume` is "latest" or a checkpoint path; `force` accepts a changed
     recipe; `source` is the recipe file as the user named it (for the resume hint), `recipe_file` the
-    file itself (output.dir may not hold it)."""
+    file itself (output.dir may not hold it); `callbacks` join the trainer's own (tune's pruning)."""
     from peftcli.training.resume import plan_resume
 
     out, main = recipe.run_dir, is_main_process()
@@ -110,7 +111,7 @@ def run_training(
             if main:
                 _open_run_files(recipe, out, checkpoint, overwrite)
             # Phase 5, fit.
-            return _fit_keep_report(recipe, setup, out, checkpoint, console, command, status)
+            return _fit_keep_report(recipe, setup, out, checkpoint, console, command, status, callbacks)
         finally:
             setup.scratch.cleanup()
 
@@ -144,6 +145,7 @@ def _fit_keep_report(
     progress_console,
     command: str,
     status: LoadingStatus,
+    callbacks: Sequence = (),
 ) -> TrainedRun:
     from peftcli.training.progress import TrainingProgress, print_summary
     from peftcli.training.resume import discard_after_load
@@ -163,7 +165,7 @@ def _fit_keep_report(
     after_load = [discard_after_load(out, checkpoint)] if main and checkpoint is not None else []
     status.phase("preparing the trainer")
     trainer = build_trainer(
-        recipe, setup, out, callbacks=[progress, stop, tracker, *after_load, *loggers(t.report_to, out)]
+        recipe, setup, out, callbacks=[progress, stop, tracker, *after_load, *loggers(t.report_to, out), *callbacks]
     )
     progress.token_counter = trainer.token_counter
     status.stop()  # the progress bar takes over

@@ -36,12 +36,12 @@ class Setup:
     settings: Settings
 
 
-def planned_steps(recipe: Recipe, train_rows: int) -> int:
+def planned_steps(recipe: Recipe, train_rows: int, settings: Settings) -> int:
     """Optimizer steps the run will take: max_steps, or the epochs' worth of batches."""
     t = recipe.training
     if t.max_steps:
         return t.max_steps
-    per_epoch = max(1, math.ceil(train_rows / (t.batch_size * t.gradient_accumulation)))
+    per_epoch = max(1, math.ceil(train_rows / (settings.batch_size * settings.gradient_accumulation)))
     return max(1, math.ceil(per_epoch * t.effective_epochs))
 
 
@@ -110,9 +110,14 @@ def build_setup(recipe: Recipe, status: LoadingStatus | None = None) -> Setup:
     scratch = tempfile.TemporaryDirectory(prefix="peftcli-")
     ctx = MethodContext(
         tokenizer_path=recipe.model.tokenizer or recipe.model.name,
-        total_steps=planned_steps(recipe, len(data.train)),
+        total_steps=planned_steps(recipe, len(data.train), settings),
         scratch_dir=Path(scratch.name),
     )
     status.phase(f"applying {method.name}")
     model = method.apply(recipe.peft, model, ctx)
+    if recipe.training.batch_size == "auto":  # confirmed on the model as applied; a smaller micro-batch
+        from peftcli.training.batch import confirm_batch  # keeps the effective batch, so the steps stay
+
+        status.phase(f"trying a micro-batch of {settings.batch_size} (training.batch_size: auto)")
+        settings = confirm_batch(recipe, model, settings, len(tokenizer))
     return Setup(tokenizer, data, model, method, ctx, dtype, scratch, settings)

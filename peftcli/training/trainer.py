@@ -169,9 +169,10 @@ def sft_config(recipe: Recipe, out: Path, dtype, settings: Settings):
         output_dir=str(out),
         max_steps=t.max_steps or -1,
         num_train_epochs=t.effective_epochs,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
+        # The recipe's numbers, or what batch_size: auto picked (model/size.py, training/batch.py).
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the steps

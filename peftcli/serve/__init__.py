@@ -1,0 +1,1 @@
+"""`peftcli serve`: an OpenAI-compatible HTTP server over a base model and its adapters."""
