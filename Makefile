@@ -7,13 +7,15 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.peftcli-installed
 TINY := models/tiny
+# The demo's base: a small model pre-trained on general text by peftcli itself, once (then cached).
+DEMO_BASE := runs/demo-base/model
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast test-gpu gpu-check lint bench clean help
 
 help:
-	@echo "make setup     create $(VENV), install torch ($(TORCH)) then peftcli[dev]"
-	@echo "make demo      build a tiny model, train, eval, merge (offline, ~2 min on CPU)"
+	@echo "make setup     create $(VENV), install torch ($(TORCH)) then peftcli[dev,bench,gguf]"
+	@echo "make demo      pre-train a tiny base (once), teach it a skill with LoRA, compare with full fine-tuning (offline, ~3 min on 2 CPU cores)"
 	@echo "make test      the full CPU test suite (offline, < 10 min)"
 	@echo "make test-gpu  tests marked gpu (needs CUDA)"
 	@echo "make gpu-check test-gpu + the llama-1b/llama-8b benches on a GPU machine (scripts/gpu_check.sh)"
@@ -26,7 +28,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	@echo "installing peftcli[dev,bench,gguf]: the gguf extra compiles llama.cpp the first time (several minutes)"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF" $(BIN)/python -m pip install -q -e ".[dev,bench,gguf]"
 	@touch $(STAMP)
 
 # Always reinstall on an explicit `make setup` (e.g. with another TORCH=...).
@@ -37,13 +40,19 @@ setup:
 $(TINY)/config.json: $(STAMP) scripts/make_tiny_model.py
 	$(BIN)/python scripts/make_tiny_model.py $(TINY)
 
-demo: $(STAMP) $(TINY)/config.json
+$(DEMO_BASE)/config.json: $(STAMP) scripts/make_tiny_model.py recipes/demo-base.yaml recipes/data/general/corpus.txt
+	$(BIN)/python scripts/make_tiny_model.py models/demo-init --demo
+	$(BIN)/peftcli train recipes/demo-base.yaml --overwrite
+
+demo: $(STAMP) $(DEMO_BASE)/config.json
 	$(BIN)/peftcli train recipes/demo.yaml --overwrite
-	$(BIN)/peftcli eval runs/demo --generate
-	$(BIN)/peftcli merge runs/demo --out merged/demo --force
-	$(BIN)/peftcli generate --adapter demo=runs/demo --prompt "What comes after Monday?" --max-new-tokens 8
+	$(BIN)/peftcli eval runs/demo
+	$(BIN)/peftcli compare recipes/demo.yaml --methods lora,full --out runs/demo-compare --overwrite
 	@echo
-	@echo "Demo done. Report: runs/demo/report.md (eval: runs/demo/eval.md)   Merged model: merged/demo/"
+	@$(BIN)/python scripts/demo_figures.py
+	@echo
+	@echo "Demo done. Report: runs/demo/report.md (eval: runs/demo/eval.md)   LoRA vs full: runs/demo-compare/compare.md"
+	@echo "Next: peftcli eval runs/demo --generate;  peftcli merge runs/demo --out merged/demo;  peftcli serve --adapter demo=runs/demo"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)

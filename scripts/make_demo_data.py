@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Write the demo dataset under recipes/data/ (committed; rerun to regenerate identically).
+"""Write the tests' chat dataset under recipes/data/ (committed; rerun to regenerate identically).
+The demo's own data (general text, and the skill it teaches) comes from scripts/make_demo_corpus.py.
 
 The task is a small "calendar and counting assistant": what day or month comes before/after
 another, and small sums. The facts are few, so a tiny model learns them in a minute on CPU. Each fact is asked in
@@ -72,9 +73,12 @@ def facts():
                 yield "sum", {"a": NUMBERS[a], "b": NUMBERS[b]}, NUMBERS[a + b]
 
 
-def build(seed: int = 0, eval_rows: int = 64) -> tuple[list[dict], list[dict]]:
+def build(
+    seed: int = 0, eval_rows: int = 64, all_facts: list | None = None, system: str = SYSTEM
+) -> tuple[list[dict], list[dict]]:
+    """Every (fact, phrasing) pair as a row; for `eval_rows` facts one pair is held out for eval."""
     rng = random.Random(seed)
-    all_facts = list(facts())
+    all_facts = list(facts()) if all_facts is None else all_facts
     tested = set(rng.sample(range(len(all_facts)), eval_rows))
     train, held_out = [], []
     for index, (kind, slots, answer) in enumerate(all_facts):
@@ -83,16 +87,16 @@ def build(seed: int = 0, eval_rows: int = 64) -> tuple[list[dict], list[dict]]:
         for number, phrasing in enumerate(phrasings):
             question = phrasing.format(**slots)
             if number == held:
-                held_out.append(row(question, answer, system=rng.random() < 0.5))
+                held_out.append(row(question, answer, system=rng.random() < 0.5, prompt=system))
             else:
-                train.append(row(question, answer, system=rng.random() < 0.5))
+                train.append(row(question, answer, system=rng.random() < 0.5, prompt=system))
     rng.shuffle(train)
     rng.shuffle(held_out)
     return train, held_out
 
 
-def row(question: str, answer: str, system: bool) -> dict:
-    messages = [{"role": "system", "content": SYSTEM}] if system else []
+def row(question: str, answer: str, system: bool, prompt: str = SYSTEM) -> dict:
+    messages = [{"role": "system", "content": prompt}] if system else []
     messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return {"messages": messages}
 

@@ -3,10 +3,13 @@
 `tokenizers` on the demo data, and a ChatML chat template. Used by `make demo` and the tests.
 
     python scripts/make_tiny_model.py models/tiny [--arch llama|qwen2] [--hidden 64] [--layers 2]
+    python scripts/make_tiny_model.py models/demo-init --demo    (the demo base, before pre-training)
 
-Weights are drawn with std 0.2 (not the usual 0.02): a 64-wide random model with the usual scale
-cannot produce confident logits through its frozen output head, so no PEFT method could lower its
-loss far; at 0.2 a minute of LoRA visibly teaches it the demo task.
+Weights are drawn with std 0.2 by default (not the usual 0.02): a 64-wide random model with the usual
+scale cannot produce confident logits through its frozen output head, so no PEFT method could lower
+its loss far on it; at 0.2 a few steps visibly teach the tests' models. The demo base is different:
+it starts at the usual 0.02 and is pre-trained on `--corpus` text (recipes/demo-base.yaml) before any
+PEFT method sees it.
 
 The tokenizer, like many real ones (Llama 3, Mistral), has no pad token, so the code path that sets
 one is exercised. It registers the chat markers of the built-in templates (ChatML, Llama 3) as
@@ -112,15 +115,28 @@ def build_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 
 
 
 def build_tiny_model(
-    out_dir: Path, arch: str = "llama", hidden: int = 64, layers: int = 2, seed: int = 0, init: float = 0.2
+    out_dir: Path,
+    arch: str = "llama",
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    init: float = 0.2,
+    corpus: tuple[Path, ...] = (),
+    vocab: int = 640,
 ) -> Path:
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(corpus_texts())
+    extra = [line for path in corpus for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    tokenizer = build_tokenizer(corpus_texts() + extra, vocab_size=vocab)
     model = build_model(tokenizer, arch=arch, hidden=hidden, layers=layers, seed=seed, init=init)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# The demo base (`--demo`): wider and deeper than the tests' models, at the usual init scale, with a
+# tokenizer that also knows the general corpus it is pre-trained on (recipes/demo-base.yaml).
+DEMO = dict(hidden=128, layers=4, init=0.02, corpus=(DEMO_DATA / "general" / "corpus.txt",), vocab=1024)
 
 
 def main() -> None:
@@ -134,8 +150,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=float, default=0.2, help="std of the random weights")
+    parser.add_argument("--corpus", type=Path, action="append", default=[], help="more text for the tokenizer")
+    parser.add_argument("--vocab", type=int, default=640, help="tokenizer vocabulary size")
+    parser.add_argument("--demo", action="store_true", help="the demo base's shape and tokenizer (overrides the above)")
     args = parser.parse_args()
-    out = build_tiny_model(args.out_dir, args.arch, args.hidden, args.layers, args.seed, args.init)
+    if args.demo:
+        out = build_tiny_model(args.out_dir, args.arch, seed=args.seed, **DEMO)
+    else:
+        out = build_tiny_model(
+            args.out_dir, args.arch, args.hidden, args.layers, args.seed, args.init, tuple(args.corpus), args.vocab
+        )
     n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(out).parameters())
     print(f"tiny {args.arch} model ({n_params / 1e3:.0f}K params) written to {out}")
 

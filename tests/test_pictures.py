@@ -171,6 +171,12 @@ def test_compare_plot_overlays_every_methods_loss_curve(tmp_path):
     for ax in bars[1:]:
         assert ax.get_ylim()[0] == 0
 
+    # with eval.reference, each method's forgetting: a panel of its own, room below 0 when one improved
+    rows[0]["forgetting_percent"], rows[1]["forgetting_percent"] = 40.5, -1.5
+    _, *bars = drawn(figure(rows))
+    assert bars[-1].get_title() == "forgetting % (lower is better)"
+    assert bar_labels(bars[-1]) == ["+40.5", "-1.5"] and bars[-1].get_ylim()[0] < -1.5
+
 
 @pytest.mark.slow
 def test_eval_md_carries_no_raw_control_characters_or_stray_pipes(tmp_path):

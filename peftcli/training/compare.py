@@ -1,6 +1,8 @@
 """`peftcli compare RECIPE --methods lora,dora,ia3,...`: the same recipe once per method — same
 data, seed and steps — and one table to choose from: trainable parameters, adapter size on disk,
-peak memory, tokens/s, wall time, final train loss, eval loss.
+peak memory, tokens/s, wall time, final train loss, eval loss, and, when the recipe names general
+text in `eval.reference`, forgetting: how much worse each tuned model predicts that text than the
+base does (`peftcli eval` on each finished run, whose eval.* files it writes there).
 
 Each method trains in its own process (`peftcli train`), so peak memory is that method's alone and
 one method failing does not stop the others.
@@ -52,6 +54,7 @@ COLUMNS = (
     ("wall time (s)", "wall_s", "{:.1f}"),
     ("final train loss", "train_loss", "{:.4f}"),
     ("eval loss", "eval_loss", "{:.4f}"),
+    ("forgetting %", "forgetting_percent", "{:+.1f}"),
 )
 
 
@@ -159,6 +162,30 @@ def _run_one(recipe_file: Path, run_dir: Path, method: str) -> dict:
     }
 
 
+def measures_forgetting(recipe: Recipe) -> bool:
+    """`peftcli eval` needs eval data; forgetting needs general text to score."""
+    has_eval = recipe.data.eval is not None or recipe.data.eval_split is not None
+    return recipe.eval.reference is not None and has_eval
+
+
+def _forgetting(run_dir: Path) -> dict:
+    """`peftcli eval` on a finished run: the rise in perplexity on `eval.reference`, base to tuned."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftcli", "eval", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        return {"forgetting_error": errors[0] if errors else proc.stderr.strip()[-300:]}
+    lost = json.loads(proc.stdout).get("forgetting") or {}
+    return {
+        "forgetting_percent": lost.get("forgetting_percent"),
+        "reference_perplexity": {"base": lost.get("base_perplexity"), "tuned": lost.get("tuned_perplexity")},
+    }
+
+
 def _run_guarded(recipe_file: Path, run_dir: Path, method: str) -> dict:
     """`_run_one`, with anything it raises (say, unreadable metrics) recorded as that method's failure."""
     started = time.perf_counter()
@@ -190,6 +217,7 @@ BAR_PANELS = (
     ("eval loss", "eval_loss", False, "{:.4f}"),
     ("tokens/s", "train_tokens_per_s", False, "{:,.0f}"),
     ("peak memory (MiB)", "peak_memory_mb", False, "{:,.0f}"),
+    ("forgetting % (lower is better)", "forgetting_percent", False, "{:+.1f}"),
 )
 
 
@@ -203,8 +231,10 @@ def figure(rows: list[dict]):
     from peftcli.rundir.report import whole_steps
 
     done = [r for r in rows if r["status"] == "completed"]
-    fig = plt.figure(figsize=(6 + 3.6 * len(BAR_PANELS), 3.8), dpi=100)
-    grid = fig.add_gridspec(1, 1 + len(BAR_PANELS), width_ratios=[1.7] + [1] * len(BAR_PANELS))
+    # a forgetting panel only when it was measured (the recipe names eval.reference)
+    panels = [p for p in BAR_PANELS if any(r.get(p[1]) is not None for r in done) or p[1] != "forgetting_percent"]
+    fig = plt.figure(figsize=(6 + 3.6 * len(panels), 3.8), dpi=100)
+    grid = fig.add_gridspec(1, 1 + len(panels), width_ratios=[1.7] + [1] * len(panels))
     curves = fig.add_subplot(grid[0, 0])
     for row in done:
         history = row.get("loss_history") or []
@@ -217,7 +247,7 @@ def figure(rows: list[dict]):
     curves.grid(alpha=0.3)
     if any(row.get("loss_history") for row in done):
         curves.legend(fontsize=8)
-    for index, (title, key, log, fmt) in enumerate(BAR_PANELS, start=1):
+    for index, (title, key, log, fmt) in enumerate(panels, start=1):
         ax = fig.add_subplot(grid[0, index])
         values = [r.get(key) for r in done]
         bars = ax.bar([r["method"] for r in done], [v or 0 for v in values], color="#4c72b0")
@@ -226,9 +256,10 @@ def figure(rows: list[dict]):
         ax.tick_params(axis="x", rotation=45)
         if log and any(values):
             ax.set_yscale("log")
-        else:  # every figure here is >= 0: no negative axis, room above for the labels
+        else:  # no negative axis unless a value is negative (forgetting can be); room for the labels
             top = max((v for v in values if v), default=0)
-            ax.set_ylim(0, top * 1.2 if top > 0 else 1)
+            bottom = min((v for v in values if v), default=0)
+            ax.set_ylim(min(bottom, 0) * 1.2, top * 1.2 if top > 0 else 1)
     fig.tight_layout()
     return fig
 
@@ -254,6 +285,17 @@ def run_compare(
         return _compare(recipe, methods, variants, out, as_json)
 
 
+def _verdict(row: dict) -> str:
+    if row["status"] != "completed":
+        return row["error"]
+    text = f"train loss {_cell(row.get('train_loss'), '{:.4f}')}, eval loss {_cell(row.get('eval_loss'), '{:.4f}')}"
+    if "forgetting_percent" in row:
+        text += f", forgetting {_cell(row['forgetting_percent'], '{:+.1f}')} %"
+    if "forgetting_error" in row:
+        text += f" (forgetting not measured: {row['forgetting_error']})"
+    return text
+
+
 def _compare(recipe: Recipe, methods: list[str], variants: dict[str, Recipe], out: Path, as_json: bool) -> list[dict]:
     rows = []
     for index, (method, recipe_variant) in enumerate(variants.items(), start=1):
@@ -261,13 +303,11 @@ def _compare(recipe: Recipe, methods: list[str], variants: dict[str, Recipe], ou
         atomic_write_text(recipe_file, recipe_to_yaml(recipe_variant))
         with console.err.status(f"[{index}/{len(methods)}] training with {method}"):
             row = {"method": method, **_run_guarded(recipe_file, out / method, method)}
+        if row["status"] == "completed" and measures_forgetting(recipe_variant):
+            with console.err.status(f"[{index}/{len(methods)}] measuring forgetting with {method}"):
+                row.update(_forgetting(out / method))
         rows.append(row)
-        verdict = (
-            f"train loss {_cell(row.get('train_loss'), '{:.4f}')}, eval loss {_cell(row.get('eval_loss'), '{:.4f}')}"
-            if row["status"] == "completed"
-            else row["error"]
-        )
-        console.err.print(f"[{index}/{len(methods)}] {method}: {verdict} ({row['wall_s']:.1f} s)", markup=False)
+        console.err.print(f"[{index}/{len(methods)}] {method}: {_verdict(row)} ({row['wall_s']:.1f} s)", markup=False)
 
     t = recipe.training
     failed = [r["method"] for r in rows if r["status"] != "completed"]
@@ -283,6 +323,14 @@ def _compare(recipe: Recipe, methods: list[str], variants: dict[str, Recipe], ou
             f"Same data, seed ({t.seed}) and length ({length}, batch {t.batch_size} x {t.gradient_accumulation}) for "
             f"every method; each trained in its own process. Device: {device}.",
             "Peak memory is CUDA memory allocated on a GPU, the process's resident memory on CPU.",
+            *(
+                [
+                    f"Forgetting: how much the tuned model's perplexity on `{recipe.eval.reference}` rose over "
+                    "the base's (lower is better; `peftcli eval` on each run, details in its eval.md)."
+                ]
+                if measures_forgetting(recipe)
+                else []
+            ),
             "",
             markdown_table(rows),
             "",
