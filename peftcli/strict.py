@@ -15,7 +15,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
 
 
-def _refuse_bool(value):
+def refuse_bool(value):
     # pydantic's lax mode reads true as 1 (and 1.0): `batch_size: true` would silently train with
     # batch size 1. Lax mode stays on for the rest: "1e-4" (a string, as YAML reads it) still works.
     if isinstance(value, bool):
@@ -33,7 +33,7 @@ def _not_blank(value: str) -> str:
 
 # Every int or float key of a recipe uses one of these (tests/test_hostile_input.py checks it). The
 # range comes before NoBool so that it stays on the number's own schema (`peftcli schema` shows it).
-NoBool = BeforeValidator(_refuse_bool)
+NoBool = BeforeValidator(refuse_bool)
 Int = Annotated[int, NoBool]
 Float = Annotated[float, NoBool]
 PositiveInt = Annotated[int, Field(gt=0), NoBool]

@@ -154,12 +154,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=640, help="tokenizer vocabulary size")
     parser.add_argument("--demo", action="store_true", help="the demo base's shape and tokenizer (overrides the above)")
     args = parser.parse_args()
-    if args.demo:
-        out = build_tiny_model(args.out_dir, args.arch, seed=args.seed, **DEMO)
-    else:
-        out = build_tiny_model(
-            args.out_dir, args.arch, args.hidden, args.layers, args.seed, args.init, tuple(args.corpus), args.vocab
-        )
+    shape = dict(hidden=args.hidden, layers=args.layers, init=args.init, corpus=tuple(args.corpus), vocab=args.vocab)
+    out = build_tiny_model(args.out_dir, args.arch, seed=args.seed, **(DEMO if args.demo else shape))
     n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(out).parameters())
     print(f"tiny {args.arch} model ({n_params / 1e3:.0f}K params) written to {out}")
 

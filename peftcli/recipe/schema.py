@@ -29,6 +29,7 @@ from peftcli.strict import (
     PositiveInt,
     Probability,
     Strict,
+    refuse_bool,
 )
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -235,8 +236,7 @@ class TrainingSection(Strict):
             return int(value)
         if isinstance(value, float) and value.is_integer() and value > 0:
             return int(value)
-        if isinstance(value, bool):
-            raise ValueError("expects a whole number above 0 or auto, not true/false")
+        refuse_bool(value)  # true/false is refused as for every number key, in the same words
         raise ValueError("expects a whole number above 0, or auto")
 
     @property

@@ -124,23 +124,28 @@ def _artifact_mb(run_dir: Path, method: str) -> float:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
 
 
-def _run_one(recipe_file: Path, run_dir: Path, method: str) -> dict:
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "peftcli", "train", str(recipe_file), "--overwrite"],
+def _peftcli(*args: str) -> subprocess.CompletedProcess:
+    """One peftcli command in its own process (its peak memory is its own), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "peftcli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    """The command's `error:` line, or the end of its stderr when it died without one."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    return errors[0] if errors else proc.stderr.strip()[-300:]
+
+
+def _run_one(recipe_file: Path, run_dir: Path, method: str) -> dict:
+    started = time.perf_counter()
+    proc = _peftcli("train", str(recipe_file), "--overwrite")
     wall = time.perf_counter() - started
     if proc.returncode != 0:
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        return {
-            "status": "failed",
-            "error": errors[0] if errors else proc.stderr.strip()[-300:],
-            "exit_code": proc.returncode,
-            "wall_s": wall,
-        }
+        return {"status": "failed", "error": _failure(proc), "exit_code": proc.returncode, "wall_s": wall}
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     keep = (
         "trainable_params",
@@ -170,15 +175,9 @@ def measures_forgetting(recipe: Recipe) -> bool:
 
 def _forgetting(run_dir: Path) -> dict:
     """`peftcli eval` on a finished run: the rise in perplexity on `eval.reference`, base to tuned."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "peftcli", "eval", str(run_dir), "--json"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = _peftcli("eval", str(run_dir), "--json")
     if proc.returncode != 0:
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        return {"forgetting_error": errors[0] if errors else proc.stderr.strip()[-300:]}
+        return {"forgetting_error": _failure(proc)}
     lost = json.loads(proc.stdout).get("forgetting") or {}
     return {
         "forgetting_percent": lost.get("forgetting_percent"),
