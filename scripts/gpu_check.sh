@@ -19,6 +19,12 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   # The image's Python 3.12 + torch; the project's other packages at the versions it was tested with.
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
+elif [ -z "${GPU_CHECK_STACK_READY:-}" ]; then
+  # The GPU image's transformers is older than the project's pin: without the wheels every stage
+  # would fail at import and burn the machine's time. A machine with the stack installed says so.
+  echo "error: no .whl/*.whl here; run 'bash ../shared/gpu-wheels.sh' in the project root and carry .whl" \
+    "(or set GPU_CHECK_STACK_READY=1 where peftcli's pinned stack is installed)" >&2
+  exit 2
 fi
 # `make test-gpu` runs $(BIN)/python: point it at this interpreter, and tell make the venv is ready.
 bin=$(mktemp -d)
@@ -45,11 +51,11 @@ stage() {  # stage SECONDS NAME COMMAND...
   [ "$rc" -eq 0 ] || status=1
 }
 if command -v make > /dev/null; then
-  stage 60 "make test-gpu" make --no-print-directory -o .venv/.peftcli-installed test-gpu BIN="$bin" PYTEST_ARGS="-q"
+  stage 90 "make test-gpu" make --no-print-directory -o .venv/.peftcli-installed test-gpu BIN="$bin" PYTEST_ARGS="-q"
 else
-  stage 60 "make test-gpu (no make here: its command)" python3 -m pytest -m gpu -q
+  stage 90 "make test-gpu (no make here: its command)" python3 -m pytest -m gpu -q
 fi
-stage 210 "bench llama-1b --ablate" python3 scripts/bench.py --config llama-1b --ablate --out "$out"
-stage 190 "bench llama-8b" python3 scripts/bench.py --config llama-8b --out "$out"
+stage 200 "bench llama-1b --ablate" python3 scripts/bench.py --config llama-1b --ablate --out "$out"
+stage 180 "bench llama-8b" python3 scripts/bench.py --config llama-8b --out "$out"
 ls -l "$out"
 exit $status

@@ -13,6 +13,7 @@ import os
 from peftcli.errors import UserError
 from peftcli.model.checks import check_quantization
 from peftcli.model.device import compute_dtype, local_device, sharded_launch
+from peftcli.model.speed import VARLEN
 from peftcli.recipe import ModelSection, QuantizationSection
 
 
@@ -91,8 +92,10 @@ def load_model(model: ModelSection, quant: QuantizationSection | None = None, dt
     device = local_device()
     # use_safetensors: never fall back to pickled weights (torch.load), even from the hub.
     kwargs = dict(dtype=dtype, revision=model.revision, trust_remote_code=model.trust_remote_code, use_safetensors=True)
-    attn = attn or (model.attn_implementation if model.attn_implementation != "auto" else None)
-    if attn == "peftcli_varlen":  # our kernel: transformers knows it once registered
+    # The recipe's own choice applies only where training does not pass its resolved one; peftcli_varlen
+    # has no KV cache, so loading for eval, generate, serve or export falls back to the default.
+    attn = attn or (model.attn_implementation if model.attn_implementation not in ("auto", VARLEN) else None)
+    if attn == VARLEN:  # our kernel: transformers knows it once registered
         from peftcli.model.attention import register
 
         register()
