@@ -28,6 +28,19 @@ def test_every_recipe_key_is_documented_in_the_reference():
             assert field.description, f"{section}.{key} has no description in the schema"
 
 
+def test_every_method_key_has_a_description():
+    """docs/recipe.md and `peftcli init`'s comments show each method key's description: none is blank."""
+    from peftcli.methods import REGISTRY
+
+    missing = [
+        f"{name}: peft.{key}"
+        for name, method in REGISTRY.items()
+        for key, field in method.spec.model_fields.items()
+        if key != method.spec.tag_field and not field.description
+    ]
+    assert not missing, f"method keys without a description (methods/): {', '.join(missing)}"
+
+
 def test_readme_is_a_front_door():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(readme.encode()) <= 12 * 1024

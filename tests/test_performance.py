@@ -119,7 +119,7 @@ def test_fit_estimate_for_8b_qlora_and_validate_prints_it(tmp_path, cli):
             "training": {"batch_size": 1, "gradient_checkpointing": True},
         },
     )
-    guess = estimate(load_recipe(path), LLAMA_8B)
+    guess = estimate(load_recipe(path), LLAMA_8B, checkpointing=True)
     # 7.0B linear weights at ~0.52 byte + 1.05B embedding/head that peft's k-bit preparation keeps in fp32
     assert 7.0 < guess.weights_gib < 7.6 and guess.trainable_params == 41_943_040
     assert guess.total_gib < 12  # the QLoRA-8B-at-batch-1 target
@@ -170,7 +170,7 @@ def test_fit_estimate_is_within_ten_percent_of_measured_peaks(name, checkpointin
     from peftcli.model.size import estimate
 
     recipe, shape = _bench_recipe(tmp_path, name, gradient_checkpointing=checkpointing)
-    guess = estimate(recipe, shape, tokens=tokens)
+    guess = estimate(recipe, shape, checkpointing, tokens=tokens)
     assert guess.tokens_per_micro_batch == tokens and guess.checkpointing == checkpointing
     assert abs(guess.total_gib / measured_gib - 1) <= 0.10, (guess.describe(), measured_gib)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import textwrap
 
 import yaml
 
@@ -117,8 +118,9 @@ def starter(method_name: str, model: str, data: str, name: str, out: str | os.Pa
             "#   quant_type: nf4",
             "#   double_quant: true",
         ]
-    else:
-        lines.append(f"# ({method_name} trains the base weights, so the base cannot be quantized)")
+    else:  # the registry's reason, wrapped: the base stays in full precision
+        why = f"({method_name} cannot train on a quantized base: {method.why_no_quantized_base})"
+        lines += [f"# {part}" for part in textwrap.wrap(why, LINE_WIDTH - 2)]
     lines += ["peft:", _line("method", method_name, method.summary)]
     for key, default in method.keys().items():
         lines.append(_key(method_name, key, default, commented=default is None))

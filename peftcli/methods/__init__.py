@@ -12,7 +12,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from peftcli.methods.base import DecoderShape, Method, MethodContext, MethodSpec
+from peftcli.methods.base import DEFAULT_LEARNING_RATE, DecoderShape, Method, MethodContext, MethodSpec
 from peftcli.methods.full import (
     FreezeSpec,
     FullSpec,
@@ -129,6 +129,7 @@ _ROWS = [
         mergeable=True,
         count_trainable=count_loha,
         quantized_base=False,
+        why_no_quantized_base="PEFT's LoHa has no 4-bit or 8-bit (bitsandbytes) layer",
     ),
     Method(
         "lokr",
@@ -138,6 +139,7 @@ _ROWS = [
         mergeable=True,
         count_trainable=count_lokr,
         quantized_base=False,
+        why_no_quantized_base="PEFT's LoKr has no 4-bit or 8-bit (bitsandbytes) layer",
     ),
     Method(
         "vera",
@@ -240,6 +242,7 @@ _ROWS = [
         mergeable=True,
         count_trainable=count_full,
         quantized_base=False,
+        why_no_quantized_base="it updates the base weights themselves, and 4-bit or 8-bit weights cannot be trained",
         save=save_full_model,
         saves_full_model=True,
         learning_rate=2e-5,
@@ -252,6 +255,8 @@ _ROWS = [
         mergeable=True,
         count_trainable=count_freeze,
         quantized_base=False,
+        why_no_quantized_base="it updates the last layers' weights themselves, and 4-bit or 8-bit weights cannot "
+        "be trained",
         save=save_full_model,
         saves_full_model=True,
         learning_rate=5e-5,
@@ -288,6 +293,7 @@ def method_of(spec: MethodSpec) -> Method:
 
 
 __all__ = [
+    "DEFAULT_LEARNING_RATE",
     "DEFAULT_METHOD",
     "REGISTRY",
     "DecoderShape",

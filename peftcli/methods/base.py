@@ -5,10 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
+
+from pydantic import Field
 
 from peftcli.errors import UserError
-from peftcli.strict import Strict
+from peftcli.strict import Probability, Strict
+
+# Keys several methods share, described once.
+InputDropout = Annotated[
+    Probability,
+    Field(description="Dropout on a layer's input to the adapter's update (the base's path sees it unchanged)."),
+]
 
 
 class MethodSpec(Strict):
@@ -101,6 +109,10 @@ def save_pretrained(spec, model, out: Path, ctx: MethodContext) -> None:
     model.save_pretrained(out)
 
 
+# The learning rate of LoRA and of most methods; a method that wants another states it in its row.
+DEFAULT_LEARNING_RATE = 2e-4
+
+
 @dataclass(frozen=True)
 class Method:
     """One registry row: how to apply the method, what it can do, and what it needs from training."""
@@ -111,6 +123,8 @@ class Method:
     apply: Callable[[Any, Any, MethodContext], Any]
     summary: str
     mergeable: bool
+    # Whether it trains on a 4-/8-bit base (the recipe's quantization section); when it cannot,
+    # `why_no_quantized_base` says why (init's comment and the recipe error quote it).
     quantized_base: bool
     # Trainable parameters on a model of this shape, from its config alone: the fit estimate's
     # count (checked against peft on a real model for every method: tests/test_registry.py).
@@ -131,9 +145,10 @@ class Method:
     # Packing keeps examples apart through per-example position ids; methods that prepend virtual
     # tokens or key/value prefixes ignore or break them.
     packing: bool = True
-    # A learning rate that suits the method (`init` writes it): prompt methods train few
-    # parameters far from the weights, a full fine-tune needs a much smaller step.
-    learning_rate: float = 2e-4
+    # The learning rate a recipe that leaves training.learning_rate unset trains with (and `init`
+    # writes): prompt methods train few parameters far from the weights, a full fine-tune needs a
+    # much smaller step.
+    learning_rate: float = DEFAULT_LEARNING_RATE
     # Whether gradient checkpointing can recompute its layers (prefix tuning's cached key/value
     # prefix does not survive recomputation).
     checkpointing: bool = True
@@ -156,6 +171,17 @@ class Method:
     gguf_adapter_unexportable: Callable[[Any], str | None] = field(
         default=lambda spec: "llama.cpp's adapters are plain LoRA updates"
     )
+
+    # Why it cannot train on a quantized base, as a clause ("PEFT's LoHa has no 4-bit or 8-bit
+    # (bitsandbytes) layer"); given exactly when quantized_base is False.
+    why_no_quantized_base: str = ""
+
+    def __post_init__(self) -> None:
+        if self.quantized_base == bool(self.why_no_quantized_base):
+            raise ValueError(
+                f"method {self.name}: why_no_quantized_base says why the base cannot be quantized, so it is "
+                "given when (and only when) quantized_base is False"
+            )
 
     def keys(self) -> dict[str, Any]:
         """The recipe keys this method takes, with their defaults (as `method: <name>` resolves them)."""

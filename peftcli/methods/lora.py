@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from peftcli.errors import UserError
-from peftcli.methods.base import DecoderShape, MethodContext, MethodSpec, chosen_linears, via_peft
+from peftcli.methods.base import DecoderShape, InputDropout, MethodContext, MethodSpec, chosen_linears, via_peft
 from peftcli.methods.targets import TargetModules
 from peftcli.strict import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
@@ -23,14 +23,18 @@ class LoraSpec(MethodSpec):
     method: Literal["lora", "dora"] = "lora"
     r: PositiveInt = Field(8, description="Rank of the low-rank update.")
     alpha: PositiveFloat = Field(16, description="Scaling numerator: the update is scaled by alpha/r.")
-    dropout: Probability = Field(0.05, description="Dropout on the LoRA input.")
+    dropout: InputDropout = 0.05
     target_modules: TargetModules = "all-linear"
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
     init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
         "default", description="Adapter initialisation (pissa/olora start from the base's principal directions)."
     )
-    bias: Literal["none", "all", "lora_only"] = "none"
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none",
+        description="Train biases too: all (every bias of the model) or lora_only (the adapted layers'); then "
+        "turning the adapter off no longer gives the base's output.",
+    )
     modules_to_save: list[str] | None = Field(
         None, description="Extra modules trained in full and saved with the adapter (e.g. lm_head)."
     )
@@ -135,13 +139,13 @@ class AdaLoraSpec(MethodSpec):
     init_r: PositiveInt = Field(12, description="Starting rank of every adapted layer.")
     target_r: PositiveInt = Field(8, description="Average rank after budget re-allocation.")
     alpha: PositiveFloat = Field(16, description="Scaling numerator.")
-    dropout: Probability = 0.05
+    dropout: InputDropout = 0.05
     target_modules: TargetModules = "all-linear"
     tinit: NonNegativeInt = Field(0, description="Warm-up steps before ranks are pruned.")
     tfinal: NonNegativeInt = Field(0, description="Final steps at the settled ranks.")
     delta_t: PositiveInt = Field(1, description="Steps between budget re-allocations.")
-    beta1: Probability = 0.85
-    beta2: Probability = 0.85
+    beta1: Probability = Field(0.85, description="Smoothing (EMA) of each weight's importance score.")
+    beta2: Probability = Field(0.85, description="Smoothing (EMA) of the uncertainty of that score.")
     orth_reg_weight: NonNegativeFloat = Field(0.5, description="Orthogonality regulariser weight.")
 
 

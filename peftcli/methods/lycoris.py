@@ -16,8 +16,10 @@ class _ProductKeys(MethodSpec):
 
     r: PositiveInt = Field(8, description="Rank of the low-rank factors.")
     alpha: PositiveFloat = Field(8, description="Scaling numerator.")
-    rank_dropout: Probability = 0.0
-    module_dropout: Probability = 0.0
+    rank_dropout: Probability = Field(0.0, description="Dropout over the rank dimension of the update.")
+    module_dropout: Probability = Field(
+        0.0, description="Chance that an adapted layer skips its update in a training forward pass."
+    )
     target_modules: TargetModules = "all-linear"
 
 

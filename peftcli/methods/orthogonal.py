@@ -26,7 +26,9 @@ class BoftSpec(MethodSpec):
     block_size: NonNegativeInt = Field(4, description="Block size; must divide every adapted layer.")
     block_num: NonNegativeInt = Field(0, description="Number of blocks (set this or block_size).")
     butterfly_factor: PositiveInt = Field(1, description="Butterfly factors (1 on machines without CUDA).")
-    dropout: Probability = 0.0
+    dropout: Probability = Field(
+        0.0, description="Chance that an orthogonal block is the identity in a training forward pass."
+    )
     target_modules: TargetModules = "all-linear"
 
     @model_validator(mode="after")

@@ -63,7 +63,7 @@ class PTuningSpec(MethodSpec):
     encoder: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder used while training.")
     encoder_hidden_size: PositiveInt | None = Field(None, description="Encoder width (default: the model's).")
     encoder_num_layers: PositiveInt = Field(2, description="LSTM layers (mlp has a fixed shape).")
-    encoder_dropout: Probability = 0.0
+    encoder_dropout: Probability = Field(0.0, description="Dropout inside the prompt encoder.")
 
 
 apply_p_tuning = via_peft(

@@ -8,7 +8,14 @@ from pydantic import Field
 
 from peftcli.errors import UserError
 
-TargetModules = Literal["all-linear"] | Annotated[list[str], Field(min_length=1)]
+# The type and meaning of every weight method's `target_modules` key (the key is described here once).
+TargetModules = Annotated[
+    Literal["all-linear"] | Annotated[list[str], Field(min_length=1)],
+    Field(
+        description="Linear layers to adapt: all-linear (every one but the output head) or a list of module "
+        "names, e.g. [q_proj, v_proj]."
+    ),
+]
 NormModules = Literal["all-norms"] | Annotated[list[str], Field(min_length=1)]
 
 # Output-side projections of the MLP block in common architectures (IA3 scales their input).

@@ -7,9 +7,9 @@ from typing import Literal
 from pydantic import Field
 
 from peftcli.errors import UserError
-from peftcli.methods.base import DecoderShape, MethodContext, MethodSpec, chosen_linears, via_peft
+from peftcli.methods.base import DecoderShape, InputDropout, MethodContext, MethodSpec, chosen_linears, via_peft
 from peftcli.methods.targets import FEEDFORWARD_OUT, NormModules, TargetModules, resolve_targets
-from peftcli.strict import Float, Int, PositiveInt, Probability
+from peftcli.strict import Float, Int, PositiveInt
 
 
 class Ia3Spec(MethodSpec):
@@ -38,7 +38,7 @@ apply_ia3 = via_peft("IA3Config", extra=_ia3_feedforward)
 class VeraSpec(MethodSpec):
     method: Literal["vera"]
     r: PositiveInt = Field(256, description="Rank of the shared random projections.")
-    dropout: Probability = 0.0
+    dropout: InputDropout = 0.0
     d_initial: Float = Field(0.1, description="Initial value of the trained scaling vector d.")
     projection_prng_key: Int = Field(0, description="Seed of the frozen random projections.")
     save_projection: bool = Field(True, description="Store the projections in the adapter (else regenerate).")

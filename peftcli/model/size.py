@@ -124,9 +124,11 @@ def trainable_params(peft, shape: Shape) -> int:
     return method_of(peft).count_trainable(peft, shape)
 
 
-def estimate(recipe, config: dict, checkpointing: bool | None = None, tokens: int | None = None) -> Estimate:
-    """Peak memory of training `recipe` on `config`. `tokens`: of the largest micro-batch, when known
-    (a padded batch holds batch_size x its longest example); batch_size x max_length otherwise."""
+def estimate(recipe, config: dict, checkpointing: bool, tokens: int | None = None) -> Estimate:
+    """Peak memory of training `recipe` on `config`, with gradient checkpointing on or off as given:
+    what model/speed.py decided (`Settings.gradient_checkpointing`), the one home of the `auto` rule.
+    `tokens`: of the largest micro-batch, when known (a padded batch holds batch_size x its longest
+    example); batch_size x max_length otherwise."""
     shape = Shape.from_config(config)
     dtype = "bfloat16" if recipe.model.dtype == "auto" else recipe.model.dtype
     width = BYTES[dtype]
@@ -143,9 +145,6 @@ def estimate(recipe, config: dict, checkpointing: bool | None = None, tokens: in
     method = method_of(recipe.peft)
     trainable = method.count_trainable(recipe.peft, shape)
     state = trainable * (10 if method.saves_full_model else 16)
-    if checkpointing is None:
-        setting = recipe.training.gradient_checkpointing
-        checkpointing = setting if isinstance(setting, bool) else method.checkpointing
     tokens = tokens or estimated_micro_batch(recipe.training) * recipe.data.max_length
     layer = shape.saved_per_token_layer(width, residual)
     stored = (shape.layers * shape.hidden * residual + layer) if checkpointing else shape.layers * layer

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from peftcli.methods import DEFAULT_METHOD, REGISTRY, MethodSpec, PeftSpec
+from peftcli.methods import DEFAULT_LEARNING_RATE, DEFAULT_METHOD, REGISTRY, MethodSpec, PeftSpec, method_of
 
 if TYPE_CHECKING:  # the union is built from the registry at run time; to a type checker it is a MethodSpec
     PeftField = MethodSpec
@@ -135,7 +135,7 @@ class DataSection(Strict):
     text_split: Literal["auto", "paragraph", "line"] = Field(
         "auto",
         description=".txt files: one example per paragraph (blank-line separated) or per line; auto = paragraphs "
-        "when the file has blank lines, else lines.",
+        "when most lines lie in blank-line separated blocks of a few lines, else lines (a note says which).",
     )
     chat_template: Name = Field("auto", description="auto | chatml | llama3 | mistral | path to a .jinja file.")
     train_on: Literal["completions", "all", "last_turn"] = Field("completions", description="Which tokens carry loss.")
@@ -178,7 +178,12 @@ class TrainingSection(Strict):
         f"gradient_accumulation ({DEFAULT_EFFECTIVE_BATCH} when unset). With a numeric batch_size it is only "
         "checked: a multiple of batch_size x gradient_accumulation (the factor is the number of devices).",
     )
-    learning_rate: PositiveFloat = Field(2.0e-4, description="Peak learning rate.")
+    # Unset, the method's own (Recipe fills it in); the default here is the one most methods share.
+    learning_rate: PositiveFloat = Field(
+        DEFAULT_LEARNING_RATE,
+        description=f"Peak learning rate. Unset: the rate that suits peft.method ({DEFAULT_LEARNING_RATE:g} for most; "
+        "`peftcli init --method NAME` writes it), which `peftcli validate` and the run's saved recipe show.",
+    )
     lr_scheduler: Literal[
         "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
     ] = Field("linear", description="Learning-rate schedule after the warm-up.")
@@ -309,6 +314,13 @@ class Recipe(Strict):
         return value
 
     @model_validator(mode="after")
+    def _method_learning_rate(self) -> Recipe:
+        # An unset learning rate is the one that suits the method (the registry's), not one for all.
+        if "learning_rate" not in self.training.model_fields_set:
+            self.training = _with_method_learning_rate(self.training, method_of(self.peft).learning_rate)
+        return self
+
+    @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
         data, training = self.data, self.training
         if data.eval is not None and data.eval_split is not None:
@@ -320,12 +332,11 @@ class Recipe(Strict):
             raise ValueError("training.eval_steps needs eval data: set data.eval or data.eval_split")
         if training.early_stopping_patience is not None and training.eval_steps is None:
             raise ValueError("training.early_stopping_patience needs training.eval_steps (how often to evaluate)")
-        from peftcli.methods import method_of
-
         method = method_of(self.peft)
         if self.quantization is not None and not method.quantized_base:
             raise ValueError(
-                f"peft.method '{self.peft.method}' cannot train on a quantized base; remove the quantization section"
+                f"peft.method '{self.peft.method}' cannot train on a quantized base ({method.why_no_quantized_base}); "
+                "remove the quantization section"
             )
         if self.data.packing is True and not method.packing:
             raise ValueError(
@@ -345,6 +356,26 @@ class Recipe(Strict):
     @property
     def is_quantized(self) -> bool:
         return self.quantization is not None
+
+
+def _with_method_learning_rate(training: TrainingSection, rate: float) -> TrainingSection:
+    """`training` with the method's learning rate, still counted as unset (not in model_fields_set):
+    the recipe's saved copy shows the rate used, and a copy run with another method (`compare`) knows
+    to take that method's rate instead."""
+    values = {**dict(training), "learning_rate": rate}
+    return TrainingSection.model_construct(_fields_set=set(training.model_fields_set), **values)
+
+
+def recipe_data(recipe: Recipe, method: str) -> dict:
+    """`recipe` as plain data (JSON types) for running it with peft.method `method`: the same keys,
+    its peft section if it uses that method (else `{method: ...}`, the defaults), and no learning
+    rate when the recipe left it to the method."""
+    data = recipe.model_dump(mode="json")
+    if recipe.peft.method != method:
+        data["peft"] = {"method": method}
+        if "learning_rate" not in recipe.training.model_fields_set:
+            data["training"].pop("learning_rate")
+    return data
 
 
 def rebuild() -> None:

@@ -49,5 +49,14 @@ def from_metrics(metrics: dict, recipe: Recipe, run_dir: Path) -> RunResult:
     return RunResult(recipe=recipe, run_dir=run_dir, **values)
 
 
+def read_metrics(run_dir: Path, recipe: Recipe) -> RunResult:
+    """The RunResult in a run's metrics.json (as `recipe` trained it). Raises OSError or ValueError
+    when the file is missing or not a JSON object."""
+    metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{run_dir / METRICS} is not a JSON object")
+    return from_metrics(metrics, recipe, run_dir)
+
+
 def write_metrics(result: RunResult) -> None:
     atomic_write_text(result.run_dir / METRICS, redact(json.dumps(to_metrics(result), indent=2)) + "\n")

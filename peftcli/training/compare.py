@@ -31,6 +31,7 @@ from peftcli.methods import REGISTRY
 from peftcli.model.checks import check_environment
 from peftcli.recipe import Recipe, recipe_to_yaml
 from peftcli.recipe.load import RawRecipe, validate
+from peftcli.recipe.schema import recipe_data
 from peftcli.rundir import (
     MARKER,
     artifact_dir,
@@ -43,6 +44,7 @@ from peftcli.rundir import (
 )
 from peftcli.rundir.eval_report import markdown_cell, markdown_text
 from peftcli.rundir.lock import RunLock
+from peftcli.rundir.metrics import read_metrics
 
 COLUMNS = (
     ("method", "method", "{}"),
@@ -69,10 +71,9 @@ def parse_methods(text: str) -> list[str]:
 
 
 def variant(recipe: Recipe, method: str, out: Path) -> Recipe:
-    """The recipe with another method: its own peft section if it already uses that method, else defaults."""
-    data = recipe.model_dump(mode="json")
-    if recipe.peft.method != method:
-        data["peft"] = {"method": method}
+    """The recipe with another method: its own peft section if it already uses that method, else
+    defaults; a learning rate the recipe left unset is each method's own."""
+    data = recipe_data(recipe, method)
     data["output"]["dir"] = str(out / method)
     # e.g. a quantized recipe with a method that cannot train on a quantized base
     return validate(RawRecipe(data=data, path=Path(f"--methods {method}")))
@@ -140,30 +141,33 @@ def _failure(proc: subprocess.CompletedProcess) -> str:
     return errors[0] if errors else proc.stderr.strip()[-300:]
 
 
-def _run_one(recipe_file: Path, run_dir: Path, method: str) -> dict:
+# The figures of a finished run (RunResult fields, metrics.json keys) that a comparison row keeps.
+KEPT_METRICS = (
+    "trainable_params",
+    "total_params",
+    "trainable_percent",
+    "peak_memory_mb",
+    "train_tokens_per_s",
+    "train_runtime_s",
+    "train_loss",
+    "eval_loss",
+    "loss_history",
+    "device",
+)
+
+
+def _run_one(recipe_file: Path, recipe: Recipe, method: str) -> dict:
     started = time.perf_counter()
     proc = _peftcli("train", str(recipe_file), "--overwrite")
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         return {"status": "failed", "error": _failure(proc), "exit_code": proc.returncode, "wall_s": wall}
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    keep = (
-        "trainable_params",
-        "total_params",
-        "trainable_percent",
-        "peak_memory_mb",
-        "train_tokens_per_s",
-        "train_runtime_s",
-        "train_loss",
-        "eval_loss",
-        "loss_history",
-        "device",
-    )
+    result = read_metrics(recipe.run_dir, recipe)
     return {
         "status": "completed",
         "wall_s": wall,
-        "artifact_mb": _artifact_mb(run_dir, method),
-        **{k: metrics.get(k) for k in keep},
+        "artifact_mb": _artifact_mb(recipe.run_dir, method),
+        **{key: getattr(result, key) for key in KEPT_METRICS},
     }
 
 
@@ -185,11 +189,11 @@ def _forgetting(run_dir: Path) -> dict:
     }
 
 
-def _run_guarded(recipe_file: Path, run_dir: Path, method: str) -> dict:
+def _run_guarded(recipe_file: Path, recipe: Recipe, method: str) -> dict:
     """`_run_one`, with anything it raises (say, unreadable metrics) recorded as that method's failure."""
     started = time.perf_counter()
     try:
-        return _run_one(recipe_file, run_dir, method)
+        return _run_one(recipe_file, recipe, method)
     except ReportedError as exc:
         error, code = f"error: {exc.message}", exc.exit_code
     except Exception as exc:  # noqa: BLE001 - one method's failure must not lose the others' results
@@ -301,7 +305,7 @@ def _compare(recipe: Recipe, methods: list[str], variants: dict[str, Recipe], ou
         recipe_file = out / f"{method}.yaml"
         atomic_write_text(recipe_file, recipe_to_yaml(recipe_variant))
         with console.err.status(f"[{index}/{len(methods)}] training with {method}"):
-            row = {"method": method, **_run_guarded(recipe_file, out / method, method)}
+            row = {"method": method, **_run_guarded(recipe_file, recipe_variant, method)}
         if row["status"] == "completed" and measures_forgetting(recipe_variant):
             with console.err.status(f"[{index}/{len(methods)}] measuring forgetting with {method}"):
                 row.update(_forgetting(out / method))

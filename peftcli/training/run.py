@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,16 @@ def run_training(
             # Phase 4, open the run files: only now, so a recipe or data error changes nothing on disk.
             if main:
                 _open_run_files(recipe, out, checkpoint, overwrite)
-            # Phase 5, fit.
-            return _fit_keep_report(recipe, setup, out, checkpoint, console, command, status, callbacks)
+            # Phase 5, fit: the trainer runs until it completes, is interrupted or runs out of memory.
+            session = _prepare_trainer(recipe, setup, out, checkpoint, console, status, callbacks)
+            fitted = _fit(session, checkpoint, recipe)
+            # Phase 6, keep the artifact: only a completed run has one.
+            kept = keep_artifact(recipe, setup, session.trainer, session.tracker.best) if fitted.completed else None
+            # Phase 7, report: the run's files, whatever the outcome; then how it ended.
+            result = _result(recipe, setup, session, fitted, kept)
+            if main:
+                write_run(result)
+            return _finish(result, session, fitted, setup, command)
         finally:
             setup.scratch.cleanup()
 
@@ -137,17 +146,46 @@ def _open_run_files(recipe: Recipe, out: Path, checkpoint: Path | None, overwrit
     atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
 
 
-def _fit_keep_report(
+class Outcome(Enum):
+    """How the training loop ended: the run's `status` in metrics.json."""
+
+    COMPLETED = "completed"
+    INTERRUPTED = "interrupted"
+    OUT_OF_MEMORY = "out_of_memory"
+
+
+@dataclass
+class Fitted:
+    outcome: Outcome
+    runtime_s: float
+
+    @property
+    def completed(self) -> bool:
+        return self.outcome is Outcome.COMPLETED
+
+
+@dataclass
+class TrainerSession:
+    """The trainer and the callbacks the later phases read: the stop request, the best adapter so
+    far, the progress display, and those told once a last-step checkpoint has loaded."""
+
+    trainer: Any
+    stop: Any
+    tracker: Any
+    progress: Any
+    after_load: list
+
+
+def _prepare_trainer(
     recipe: Recipe,
     setup: Setup,
     out: Path,
     checkpoint: Path | None,
     progress_console,
-    command: str,
     status: LoadingStatus,
     callbacks: Sequence = (),
-) -> TrainedRun:
-    from peftcli.training.progress import TrainingProgress, print_summary
+) -> TrainerSession:
+    from peftcli.training.progress import TrainingProgress
     from peftcli.training.resume import discard_after_load
     from peftcli.training.signals import GracefulStop
     from peftcli.training.tracking import EvalTracker, loggers
@@ -171,58 +209,29 @@ def _fit_keep_report(
     status.stop()  # the progress bar takes over
     if main:
         report_data(setup, trainer, recipe)
-
-    runtime = _fit(trainer, stop, tracker, checkpoint, recipe, setup, after_load)
-    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
-        _report(collect(recipe, setup, trainer, runtime, None, status="interrupted"))
-        step = trainer.state.global_step
-        raise Interrupted(
-            stop.signum or 0,
-            f"stopped after step {step}; checkpoint-{step} saved in {out}",
-            hint=f"continue with: {command} --resume",
-        )
-
-    # Phase 6, keep the artifact; phase 7, report.
-    kept = keep_artifact(recipe, setup, trainer, tracker.best)
-    result = collect(
-        recipe,
-        setup,
-        trainer,
-        runtime,
-        kept.eval_loss,
-        eval_history=eval_history(trainer.state.log_history),
-        **tracker.summary(),
-        adapter_is=kept.adapter_is,
-    )
-    _report(result)
-    if main:
-        print_summary(result, artifact_dir(out, setup.method), progress.console)
-    return TrainedRun(result, trainer.model)
+    return TrainerSession(trainer, stop, tracker, progress, after_load)
 
 
-def _report(result: RunResult) -> None:
-    if is_main_process():
-        write_run(result)
-
-
-def _fit(trainer, stop, tracker, checkpoint: Path | None, recipe: Recipe, setup: Setup, loaded=()) -> float:
-    """Run the training loop (or finish a last-step checkpoint) and return its seconds. An OOM
-    becomes a user error, and so does a checkpoint that does not fit this model. `loaded`:
-    callbacks told once the checkpoint loaded."""
+def _fit(session: TrainerSession, checkpoint: Path | None, recipe: Recipe) -> Fitted:
+    """Run the training loop (or finish a last-step checkpoint): how it ended and its seconds. Out of
+    memory is an outcome (reported, then raised as a user error); a checkpoint that does not fit this
+    model is a user error at once, before anything is reported."""
     import torch
 
     from peftcli.training.checkpoints import finished_training, load_final_checkpoint
 
+    trainer = session.trainer
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    with stop:
+    with session.stop:
         try:
             if checkpoint is not None and finished_training(checkpoint, recipe.training.max_steps):
                 if is_main_process():
                     console.note(f"{checkpoint.name} is the last step: nothing left to train, writing the results")
                 load_final_checkpoint(trainer, checkpoint)
-                for callback in (tracker, *loaded):  # best so far, from the log; drop later checkpoints
+                # best so far, from the log; drop later checkpoints
+                for callback in (session.tracker, *session.after_load):
                     callback.on_train_begin(trainer.args, trainer.state, trainer.control)
             else:
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -237,8 +246,47 @@ def _fit(trainer, stop, tracker, checkpoint: Path | None, recipe: Recipe, setup:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            # No cross-process aggregation here: another process may not have failed and would not answer.
-            runtime = time.perf_counter() - started
-            _report(collect(recipe, setup, trainer, runtime, None, status="out_of_memory", aggregate=False))
-            raise out_of_memory_error(recipe, setup.settings, trainer.state.global_step + 1) from None
-    return time.perf_counter() - started
+            return Fitted(Outcome.OUT_OF_MEMORY, time.perf_counter() - started)
+    runtime = time.perf_counter() - started
+    if session.stop.requested and trainer.state.global_step < trainer.state.max_steps:
+        return Fitted(Outcome.INTERRUPTED, runtime)
+    return Fitted(Outcome.COMPLETED, runtime)
+
+
+def _result(recipe: Recipe, setup: Setup, session: TrainerSession, fitted: Fitted, kept) -> RunResult:
+    """The run's result, whatever the outcome. After out of memory the figures are this process's
+    own: another process may not have failed and would not answer."""
+    trainer, status = session.trainer, fitted.outcome.value
+    if fitted.outcome is Outcome.OUT_OF_MEMORY:
+        return collect(recipe, setup, trainer, fitted.runtime_s, None, status=status, aggregate=False)
+    if kept is None:
+        return collect(recipe, setup, trainer, fitted.runtime_s, None, status=status)
+    return collect(
+        recipe,
+        setup,
+        trainer,
+        fitted.runtime_s,
+        kept.eval_loss,
+        eval_history=eval_history(trainer.state.log_history),
+        **session.tracker.summary(),
+        adapter_is=kept.adapter_is,
+    )
+
+
+def _finish(result: RunResult, session: TrainerSession, fitted: Fitted, setup: Setup, command: str) -> TrainedRun:
+    """After the report: a completed run is summed up; any other outcome is raised, as an interruption
+    (its exit code) or an out-of-memory user error."""
+    from peftcli.training.progress import print_summary
+
+    trainer, out, step = session.trainer, result.run_dir, session.trainer.state.global_step
+    if fitted.outcome is Outcome.OUT_OF_MEMORY:
+        raise out_of_memory_error(result.recipe, setup.settings, step + 1)
+    if fitted.outcome is Outcome.INTERRUPTED:
+        raise Interrupted(
+            session.stop.signum or 0,
+            f"stopped after step {step}; checkpoint-{step} saved in {out}",
+            hint=f"continue with: {command} --resume",
+        )
+    if is_main_process():
+        print_summary(result, artifact_dir(out, setup.method), session.progress.console)
+    return TrainedRun(result, trainer.model)
