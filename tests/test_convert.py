@@ -244,6 +244,49 @@ def test_axolotl_sharegpt_user_defined_and_completion_types(tmp_path, tiny_model
         assert key in result.err and key in _header(out), key
 
 
+def test_axolotl_message_keys_peftcli_reads_are_honoured_not_listed(tmp_path, tiny_model, cli):
+    weighted = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "weight": 1}]}]
+    _write_jsonl(tmp_path / "cfg" / "data" / "weighted.jsonl", weighted)
+    _write_json(tmp_path / "cfg" / "data" / "glaive.json", [{"chat": SHAREGPT_ROWS[0]["conversations"], "fns": "[]"}])
+    (tmp_path / "cfg" / "chat.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    datasets = [
+        {
+            "path": "data/weighted.jsonl",
+            "type": "chat_template",
+            "message_property_mappings": {"role": "role", "content": "content", "weight": "weight"},
+        },
+        {
+            "path": "data/glaive.json",
+            "type": "chat_template",
+            "field_messages": "chat",
+            "field_tools": "fns",
+            "message_field_role": "from",
+            "message_field_content": "value",
+            "roles_to_train": ["gpt", "assistant"],
+        },
+    ]
+    config = _axolotl_config(
+        tmp_path, tiny_model, datasets=datasets, chat_template="jinja", chat_template_jinja="chat.jinja"
+    )
+    out = tmp_path / "r.yaml"
+    result = cli("convert", "axolotl", config, "--out", out)
+    assert result.code == 0, result.err
+    for key in ("message_property_mappings.weight", "field_tools", "roles_to_train", "chat_template"):
+        assert not any(key in line for line in _not_carried(result.err)), key
+    header = _header(out)
+    assert "chat_template_jinja" not in header.split("WHAT PEFTCLI DOES ANYWAY")[-1]  # carried, not "anyway"
+    recipe = load_recipe(out)
+    assert recipe.data.chat_template == str(tmp_path / "cfg" / "chat.jinja")
+    assert recipe.data.train[1].columns == {"conversations": "chat", "tools": "fns"}
+
+    # A weight under a key peftcli does not read is listed, with the key it reads.
+    datasets[0]["message_property_mappings"]["weight"] = "w"
+    result = cli("convert", "axolotl", _axolotl_config(tmp_path, tiny_model, datasets=datasets), "--out", "-")
+    assert any(
+        "weight: w -- peftcli reads a turn's weight from the key 'weight'" in line for line in _not_carried(result.err)
+    )
+
+
 @pytest.mark.parametrize(
     ("config", "named"),
     [
@@ -408,6 +451,9 @@ def test_llamafactory_dataset_info_flag_pretraining_text_and_hub_entries(tmp_pat
     assert (wiki.path, wiki.format, recipe.data.text_split) == (str(moved.parent / "wiki.txt"), "text", "line")
     assert (hub.path, hub.split, hub.subset) == ("org/data", "validation", "en")
     assert recipe.peft.method == "full" and recipe.data.max_length == 512  # cutoff_len 2048 > the context
+    # LLaMA-Factory cuts the joined documents into blocks; peftcli truncates each: said, with what to set.
+    said = next(line for line in _not_carried(result.err) if line.startswith("warning: not carried: stage: pt"))
+    assert "cutoff_len-token blocks" in said and "data.max_length" in said
     assert recipe.training.epochs == 3.0 and recipe.training.learning_rate == 5e-5  # the Trainer's defaults
 
 

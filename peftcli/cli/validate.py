@@ -4,6 +4,8 @@ and whether it fits, without loading anything heavy (no torch). `--json`: all of
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,8 +13,10 @@ import typer
 
 from peftcli import console
 from peftcli.cli._options import RecipeArg, SetOpt, load
+from peftcli.errors import UserError
 
 if TYPE_CHECKING:  # the commands import their stage when they run: `peftcli --help` stays light
+    from peftcli.data.formats import Example
     from peftcli.model.device import Gpu
     from peftcli.model.size import Estimate
     from peftcli.model.speed import Settings
@@ -36,46 +40,160 @@ def validate(
 
     resolved = load(recipe, set_)
     check_environment(resolved, deep=False)  # the model folder, tokenizer, context length, ...: no torch
-    data = data_summary(resolved)  # every row read and checked, as training will: still no torch
+    data, template = check_data(resolved)  # every row read and checked, as training will: still no torch
     if as_json:
-        console.out.print(json.dumps(summary(resolved, data), indent=2), markup=False)
+        console.out.print(json.dumps(summary(resolved, data, template), indent=2), markup=False)
         return
     console.out.print(recipe_to_yaml(resolved), markup=False)
-    for line in [*describe_recipe(resolved), *map(data_line, data)]:
+    for line in [*describe_recipe(resolved), *map(data_line, data), *template_lines(template)]:
         console.err.print(line, markup=False)
     console.err.print("recipe is valid", style="green")
 
 
-def data_summary(recipe: Recipe) -> list[dict]:
-    """Read every local data source as `train` will (files, format, rows, the first bad row, the
-    columns ignored), without tokenizing; hub datasets are read when training."""
+@contextmanager
+def _said(into: dict) -> Iterator[None]:
+    """Record the warnings and notes the data stage says (still saying them), for `--json` and for
+    telling which source they are about. The stage says them through `console`'s functions."""
+    from rich.text import Text
+
+    warn, note = console.warn, console.note
+
+    def recorded_warn(message: str) -> None:
+        into.setdefault("warnings", []).append(Text.from_markup(message).plain)
+        warn(message)
+
+    def recorded_note(message: str) -> None:
+        into.setdefault("notes", []).append(message)
+        note(message)
+
+    console.warn, console.note = recorded_warn, recorded_note
+    try:
+        yield
+    finally:
+        console.warn, console.note = warn, note
+
+
+def _read_sources(recipe: Recipe) -> list[tuple[dict, list[Example]]]:
+    """Every local data source read as `train` reads it (files, format, rows, the first bad row,
+    the columns ignored), with its examples; hub datasets are read when training."""
     import os
 
     from peftcli.data.pipeline import read_examples
 
-    found = []
+    found: list[tuple[dict, list[Example]]] = []
     for key, sources in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval or [])):
         for i, source in enumerate(sources):
             where = key if len(sources) == 1 else f"{key}[{i}]"
             if not os.path.isabs(source.path):
-                found.append({"key": where, "path": source.path, "hub": True})
+                found.append(({"key": where, "path": source.path, "hub": True}, []))
                 continue
-            read = read_examples([source], recipe.data, where)
-            rows = sum(len(examples) for examples in read.per_source)
-            formats = list(read.stats.formats)
-            found.append({"key": where, "path": source.path, "rows": rows, "formats": formats})
-            found[-1]["skipped"] = read.stats.skipped
+            entry: dict = {"key": where, "path": source.path}
+            with _said(entry):
+                read = read_examples([source], recipe.data, where)
+            examples = [example for part in read.per_source for example in part]
+            entry.update(
+                rows=len(examples),
+                formats=list(read.stats.formats),
+                skipped=read.stats.skipped,
+                skipped_reasons=dict(read.stats.skipped_reasons),
+            )
+            found.append((entry, examples))
+    for entry, _ in found:
+        _first_skipped(entry)
     return found
+
+
+def _first_skipped(entry: dict) -> None:
+    reasons = entry.get("skipped_reasons") or {}
+    entry["first_skipped"] = next(({"row": rows[0], "reason": why} for why, rows in reasons.items()), None)
+
+
+def data_summary(recipe: Recipe) -> list[dict]:
+    """What `_read_sources` found, without the examples."""
+    return [entry for entry, _ in _read_sources(recipe)]
+
+
+def check_data(recipe: Recipe) -> tuple[list[dict], dict | None]:
+    """The sources read, then every conversation rendered and masked through the chat template as
+    training will (see data/template_check.py). A row that fails is an error naming it, as in
+    training; with data.bad_rows: skip it is counted in its source's `skipped`. Returns the sources
+    and what the template check found (None: nothing to check)."""
+    read = _read_sources(recipe)
+    data = recipe.data
+    if data.chat_template == "auto" and not any(e.is_chat for _, examples in read for e in examples):
+        return [entry for entry, _ in read], None
+    from peftcli.data.template_check import failing_conversations, offline_tokenizer
+    from peftcli.data.templates import resolve_template
+
+    template: dict = {"setting": data.chat_template}
+    tokenizer, why_not = offline_tokenizer(recipe.model)
+    if tokenizer is None:
+        template.update(checked=False, why_not=why_not)
+        return [entry for entry, _ in read], template
+    with _said(template):
+        template["name"] = resolve_template(data.chat_template, tokenizer).name
+        template["rows"] = 0
+        left = {"data.train": 0, "data.eval": 0}  # rows each split keeps; a hub source keeps some
+        for entry, examples in read:
+            split = entry["key"].split("[")[0]
+            if entry.get("hub"):
+                left[split] += 1
+                continue
+            failures = failing_conversations(tokenizer, examples, data)
+            template["rows"] += failures.checked
+            if failures.first is not None and data.bad_rows == "error":
+                row, reason = failures.first
+                raise UserError(
+                    f"{entry['key']}: {row}: {reason}",
+                    hint=f"{failures.failed:,} of the {failures.checked:,} conversations of {entry['path']} fail when "
+                    "rendered and masked as training does; fix them or data.chat_template, or set "
+                    "data.bad_rows: skip to skip and count them",
+                )
+            entry["rows"] -= failures.failed  # as before: the rows training keeps
+            entry["skipped"] += failures.failed
+            for reason, rows in failures.reasons.items():
+                entry["skipped_reasons"].setdefault(reason, []).extend(rows)
+            _first_skipped(entry)
+            left[split] += entry["rows"]
+    template["checked"] = True
+    sources = [entry for entry, _ in read]
+    for split, kept in left.items():
+        first = next(
+            (e["first_skipped"] for e in sources if e["key"].split("[")[0] == split and e.get("first_skipped")), None
+        )
+        if kept == 0 and first is not None:  # training stops there: "no usable examples left"
+            raise UserError(
+                f"{split}: every row would be skipped as bad; the first, {first['row']}: {first['reason']}",
+                hint="fix the rows or data.chat_template; data.bad_rows: error stops at each with its reason",
+            )
+    return sources, template
 
 
 def data_line(source: dict) -> str:
     if source.get("hub"):
         return f"{source['key']}: hub dataset {source['path']} (read when training)"
-    skipped = f"; {source['skipped']} bad rows skipped (data.bad_rows: skip)" if source["skipped"] else ""
-    return f"{source['key']}: {source['rows']:,} rows, format {', '.join(source['formats'])}{skipped}"
+    line = f"{source['key']}: {source['rows']:,} rows, format {', '.join(source['formats'])}"
+    first = source.get("first_skipped")
+    if source["skipped"] and first:
+        line += (
+            f"; {source['skipped']:,} bad rows skipped (data.bad_rows: skip), the first: {first['row']}: "
+            f"{first['reason']}"
+        )
+    return line
+
+
+def template_lines(template: dict | None) -> list[str]:
+    if template is None:
+        return []
+    if not template["checked"]:
+        return [f"chat template: not checked here: {template['why_not']} (training checks every row)"]
+    name = template["name"]
+    what = "the tokenizer's own" if name == "tokenizer" else name
+    return [f"chat template: {what}; {template['rows']:,} conversations rendered and masked as training will"]
 
 
 def data_lines(recipe: Recipe) -> list[str]:
+    """The sources as read (for `train`'s early checks, which leave the template to training)."""
     return [data_line(source) for source in data_summary(recipe)]
 
 
@@ -142,12 +260,12 @@ def fit(recipe: Recipe, config: dict) -> Fit:
     machine = probe_without_torch(gpus)
     settings = decide(recipe, machine)
     try:
-        # On a GPU, with checkpointing as resolved here; elsewhere, as a GPU would start (on, unless set).
+        # With checkpointing as resolved here (speed.decide: off on CPU, on a GPU only when needed).
         # The micro-batch is the recipe's, or what batch_size: auto picks here.
         guess = estimate(
             recipe,
             config,
-            checkpointing=settings.gradient_checkpointing if machine.cuda else None,
+            checkpointing=settings.gradient_checkpointing,
             tokens=settings.batch_size * recipe.data.max_length,
         )
     except (KeyError, TypeError, ZeroDivisionError):
@@ -182,7 +300,7 @@ def fit_lines(found: Fit, config: dict) -> list[str]:
     return lines
 
 
-def summary(recipe: Recipe, data: list[dict]) -> dict:
+def summary(recipe: Recipe, data: list[dict], template: dict | None = None) -> dict:
     """`validate --json`: what the text output says, as one object for scripts."""
     from dataclasses import asdict
 
@@ -213,4 +331,5 @@ def summary(recipe: Recipe, data: list[dict]) -> dict:
         "settings": {"device": found.where, **found.settings.as_dict()},
         "fit_estimate": estimate,
         "data": data,
+        "chat_template": template,
     }

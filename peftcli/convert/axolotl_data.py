@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from peftcli.convert.common import number
-from peftcli.convert.ledger import Ledger, is_empty
+from peftcli.convert.ledger import Ledger, is_empty, shown
 from peftcli.convert.sources import chat_template, clean_source, hub_or_local
+from peftcli.data.turns import MESSAGE_KEYS, MESSAGES_ROLES, SHAREGPT_ROLES
 from peftcli.errors import UserError
 
 DEFAULT_SEQUENCE_LEN = 512  # Axolotl's, written when the config leaves sequence_len out (peftcli's is 1024)
@@ -26,6 +27,11 @@ NO_EQUIVALENT = {
     "input_output": "peftcli has no segments format; write prompt/completion rows (or messages) instead",
     "pretrain": "use a text source (format: text)",
 }
+# Axolotl message properties -> the keys of a turn peftcli reads them from (turns.py).
+TURN_KEY_NAMES: dict[str, tuple[str, ...]] = {
+    name: (name,) for name in MESSAGE_KEYS - {"role", "content", "loss_weight", "function_call"}
+}
+TURN_KEY_NAMES["weight"] = ("weight", "loss_weight")
 # Keys of a dataset entry handled by the code below for every type.
 _COMMON = ("path", "type", "split", "name", "revision", "data_files", "ds_type")
 
@@ -66,7 +72,7 @@ def carry_data(ledger: Ledger) -> None:
     if ledger.take("train_on_inputs") is True:
         ledger.carry("train_on_inputs", "data.train_on", "all")
     template, jinja = ledger.take("chat_template"), ledger.take("chat_template_jinja")
-    chat_template(ledger, "chat_template", template, jinja)
+    chat_template(ledger, "chat_template", template, jinja, "chat_template_jinja")
 
 
 def _sources(ledger: Ledger, key: str, entries: list) -> list[dict]:
@@ -132,15 +138,21 @@ def _chat(ledger: Ledger, where: str, entry: dict) -> tuple[dict, set[str]]:
     role = mappings.pop("role", None) or entry.get("message_field_role") or "role"
     content = mappings.pop("content", None) or entry.get("message_field_content") or "content"
     for name, value in mappings.items():
-        ledger.drop(f"{where}.message_property_mappings.{name}", value, "peftcli reads role and content only")
+        _turn_key(ledger, f"{where}.message_property_mappings.{name}", name, value)
     if (role, content) == ("from", "value"):  # ShareGPT turns under another key: peftcli's sharegpt format
         fmt, columns = "sharegpt", {"conversations": field} if field != "conversations" else {}
     else:
         fmt, columns = "messages", {"messages": field} if field != "messages" else {}
         columns.update({k: v for k, v in (("role", role), ("content", content)) if k != v})
+    tools = entry.get("field_tools")
+    if isinstance(tools, str) and tools != "tools":  # peftcli reads a `tools` column; another is mapped
+        columns["tools"] = tools
     roles = _roles(ledger, where, entry.get("roles"))
     trained = entry.get("roles_to_train")
-    if trained is not None and {roles.get(r, r) for r in trained} != {"assistant"}:
+    # Role names as the file writes them, read through the format's own names (gpt is the assistant
+    # in ShareGPT turns) and the entry's `roles`; a function call is an assistant turn, trained.
+    known = {**(SHAREGPT_ROLES if fmt == "sharegpt" else MESSAGES_ROLES), **roles}
+    if trained is not None and {known.get(r, r) for r in trained} - {"tool_call"} != {"assistant"}:
         ledger.drop(
             f"{where}.roles_to_train", trained, "peftcli trains assistant turns (data.train_on: completions) or all"
         )
@@ -152,8 +164,21 @@ def _chat(ledger: Ledger, where: str, entry: dict) -> tuple[dict, set[str]]:
     if entry.get("drop_system_message") is True:
         ledger.drop(f"{where}.drop_system_message", True, "peftcli keeps system messages")
     handled = {"field_messages", "message_property_mappings", "message_field_role", "message_field_content"}
-    handled |= {"roles", "roles_to_train", "train_on_eos", "chat_template", "drop_system_message"}
+    handled |= {"roles", "roles_to_train", "train_on_eos", "chat_template", "drop_system_message", "field_tools"}
     return {"format": fmt, "columns": columns or None, "roles": roles or None}, handled
+
+
+def _turn_key(ledger: Ledger, key: str, name: str, value: Any) -> None:
+    """A message property other than role and content (`weight: weight`): honoured when the data
+    holds it under the key peftcli reads for it, else listed as not carried."""
+    read_as = TURN_KEY_NAMES.get(name)
+    if read_as is None:
+        ledger.drop(key, value, "peftcli reads no such message property")
+    elif value in read_as:
+        ledger.also(f"{key}: {shown(key, value)}", key)
+    else:
+        names = " or ".join(f"'{n}'" for n in read_as)
+        ledger.drop(key, value, f"peftcli reads a turn's {name} from the key {names}; rename the key in the data")
 
 
 def _roles(ledger: Ledger, where: str, roles: Any) -> dict[str, str]:

@@ -31,6 +31,14 @@ from peftcli.methods import DEFAULT_METHOD, REGISTRY
 
 TOOL = "LLaMA-Factory"
 STAGES = ("sft", "pt")  # supervised fine-tuning and plain-text training; rm/ppo/dpo/kto are not SFT
+# What a pt run does that peftcli does not: peftcli has no way to split a document across examples.
+PT_BLOCKS = (
+    "LLaMA-Factory joins the documents and cuts the stream into cutoff_len-token blocks, so every token "
+    "is trained; peftcli trains each document as one example and truncates one longer than "
+    "data.max_length (data.overlong: truncate), so the rest of it is not trained. See how many with "
+    "`peftcli data preview`; raise data.max_length to the longest document, or split long documents "
+    "into pieces before training (data.packing: true packs the short ones into full rows)"
+)
 # LLaMA-Factory's own defaults (and the Trainer's) where they differ from peftcli's; written when
 # the config leaves the key out, so the recipe trains what LLaMA-Factory would have.
 DEFAULTS = {
@@ -130,6 +138,7 @@ def convert(config_path: Path, out: Path | None, info: Path | None = None) -> Le
     if stage == "pt":
         ledger.take("stage")
         ledger.change("stage: pt -> every dataset as format: text (all of its tokens trained)")
+        ledger.drop("stage", stage, PT_BLOCKS)
     _model(ledger)
     _method(ledger)
     _data(ledger, stage, info)

@@ -64,6 +64,8 @@ def chat_template(ledger: Ledger, key: str, template: Any, jinja: Any = None, ji
         found = ledger.find(jinja) if isinstance(jinja, str) and "\n" not in jinja and len(jinja) < 1024 else None
         if found is not None and found.is_file():
             ledger.carry(jinja_key, "data.chat_template", ledger.for_recipe(found))
+            if template is not None:  # `chat_template: jinja` chose the file: carried with it
+                ledger.mark(key)
         else:
             ledger.drop(jinja_key, jinja, "save the template to a .jinja file and set data.chat_template to its path")
     elif template is not None:

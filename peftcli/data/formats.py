@@ -4,7 +4,10 @@ into an `Example` — a conversation (rendered later by a chat template) or raw 
 Nothing is dropped silently: every column of a source is read by its format, mapped by
 `data.columns`, or named in one warning (`unread_columns`); columns that would change what is
 trained if ignored (preference pairs, KTO labels, images, row weights) are refused with what the
-file is and what to do (`refuse_columns`). Turns are read in turns.py.
+file is and what to do (`refuse_columns`), whether their values are JSON or a CSV cell's text
+(`false`, `0.5`, `[]`). Within a row, what cannot be honoured is a bad row, never dropped: a `system`
+column that contradicts the conversation's own system turn, a media placeholder (`<image>`), a
+system prompt for plain prompt/completion text. Turns are read in turns.py.
 
 Every check a row can fail raises `BadRowError` with a reason a user can act on
 ("missing field 'output'", "turn 3: unknown role 'bot'"); the caller adds the file and line.
@@ -12,7 +15,10 @@ Every check a row can fail raises `BadRowError` with a reason a user can act on
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,39 +42,86 @@ FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "messages": (("messages",), ("system", "tools", "functions")),
     "sharegpt": (("conversations",), ("system", "tools")),
     "alpaca": (("instruction", "output"), ("input", "system", "history", "tools")),
-    "prompt_completion": (("prompt", "completion"), ()),
+    "prompt_completion": (("prompt", "completion"), ("system",)),
     "text": (("text",), ()),
 }
 # Columns whose meaning changes what is trained: ignoring them would train something else than the
-# file means. column -> (does a value carry that meaning?, what the file is, what to do)
-REFUSED: dict[str, tuple[Any, str, str]] = {
-    "chosen": (lambda v: v is not None, "a preference (DPO/ORPO) file", "keep one reply per row (SFT)"),
-    "rejected": (lambda v: v is not None, "a preference (DPO/ORPO) file", "keep one reply per row (SFT)"),
-    "label": (
-        lambda v: isinstance(v, bool),
-        "a KTO file (label false marks an undesirable reply, which would be trained as a target)",
-        "keep the rows labelled true and drop the column",
-    ),
-    "kto_tag": (
-        lambda v: isinstance(v, bool),
-        "a KTO file (kto_tag false marks an undesirable reply, which would be trained as a target)",
-        "keep the rows tagged true and drop the column",
-    ),
+# file means. column -> (does a value, in this row, carry that meaning?, what the file is, what to do)
+REFUSED: dict[str, tuple[Callable[[Any, dict], bool], str, str]] = {
     **{
         column: (
-            lambda v: bool(v),
-            f"a multimodal file (its <{column[:-1]}> placeholders would be trained as text)",
+            lambda v, row: v is not None,
+            "a preference (DPO/ORPO) file",
+            "keep one reply per row (SFT)",
+        )
+        # TRL/LLaMA-Factory, ms-swift and OpenAI's preference formats
+        for column in ("chosen", "rejected", "rejected_response", "non_preferred_output")
+    },
+    **{
+        column: (
+            # A CSV or parquet cell holds `true`, `0` or "false" as text; a text corpus (the `text`
+            # format) may carry a class label, which is no KTO flag unless it is a JSON boolean.
+            lambda v, row: isinstance(v, bool) or (_boolean_like(v) and not _is_text_row(row)),
+            f"a KTO file (a {column} of false or 0 marks an undesirable reply, which would be trained as a target)",
+            f"keep the rows whose {column} is true and drop the column",
+        )
+        for column in ("label", "kto_tag")
+    },
+    **{
+        column: (
+            lambda v, row: bool(_cell(v)),  # a CSV cell of `[]` is no media
+            f"a multimodal file (its <{column.rstrip('s')}> placeholders would be trained as text)",
             "peftcli trains text-only models: drop the column and the placeholders",
         )
-        for column in ("images", "videos", "audios")
+        # `images` (LLaMA-Factory, ms-swift, TRL) and LLaVA's single `image`
+        for column in ("images", "videos", "audios", "image", "video", "audio")
     },
     "weight": (
-        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        lambda v, row: _number_like(v),
         "a file with a weight per row",
         "peftcli weighs sources (data.train: [{path, weight}]) and single replies (a message's weight: 0), "
         "not rows: split the rows by weight into sources",
     ),
 }
+# LLaVA-style media placeholders: in a text-only model they would be trained as the literal text.
+MEDIA_PLACEHOLDER = re.compile(r"<(?:image|video|audio)>")
+
+
+def _cell(value: Any) -> Any:
+    """A value as written in JSON: CSV and parquet files store lists and objects as JSON text."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _boolean_like(value: Any) -> bool:
+    """true/false/0/1 as a JSON boolean or number, or as text in any case (a CSV cell)."""
+    if isinstance(value, (bool, int, float)):
+        return value in (0, 1)
+    return isinstance(value, str) and value.strip().lower() in ("true", "false", "0", "1")
+
+
+def _number_like(value: Any) -> bool:
+    """A number, or text that reads as a finite one (a CSV cell of `0.5`)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    if isinstance(value, str):
+        try:
+            return math.isfinite(float(value))
+        except ValueError:
+            return False
+    return False
+
+
+def _is_text_row(row: dict) -> bool:
+    """A row of the `text` format: raw text, no conversation in it."""
+    conversation = ("messages", "conversations", "instruction", "prompt", "query")
+    return "text" in row and not any(field in row for field in conversation)
 
 
 @dataclass(frozen=True)
@@ -119,7 +172,7 @@ def turn_keys(fmt: str, columns: Mapping[str, str], roles: Mapping[str, str]) ->
 def refuse_columns(rows: list[dict[str, Any]], where: str) -> None:
     """Refuse a source with a column whose meaning peftcli cannot honour (see REFUSED)."""
     for column, (meaningful, what, todo) in REFUSED.items():
-        if any(meaningful(values.get(column)) for values in rows if column in values):
+        if any(meaningful(values.get(column), values) for values in rows if column in values):
             raise UserError(
                 f"{where}: the '{column}' column makes this {what}",
                 hint=f"{todo}; or, if the column means something else, rename it",
@@ -181,35 +234,69 @@ def _text(values: dict[str, Any], field: str, *, required: bool = True, allow_em
 
 
 def _system_first(turns: list[Turn], system: str) -> list[Turn]:
-    """A `system` column, put first unless the conversation already opens with a system turn."""
-    if system.strip() and not (turns and turns[0].role == "system"):
-        return [Turn("system", system), *turns]
-    return turns
+    """A `system` column, put first. A conversation that already opens with a different system turn
+    is refused: keeping either one would drop the other."""
+    if not system.strip():
+        return turns
+    if turns and turns[0].role == "system":
+        if turns[0].content.strip() != system.strip():
+            raise BadRowError(
+                f"the 'system' column ({_quote(system)}) differs from the conversation's own system turn "
+                f"({_quote(turns[0].content)}): keep one of them"
+            )
+        return turns
+    return [Turn("system", system), *turns]
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _refuse_placeholders(texts: list[tuple[str, str]]) -> None:
+    """A media placeholder (LLaVA's `<image>`) would be trained as text: the row is multimodal."""
+    for where, text in texts:
+        found = MEDIA_PLACEHOLDER.search(text)
+        if found:
+            raise BadRowError(
+                f"{where}: an {found.group(0)} placeholder (a multimodal row): peftcli trains text-only "
+                "models; drop the placeholder, or the row"
+            )
+
+
+def _chat(origin: str, turns: list[Turn], tools: tuple[dict, ...] = ()) -> Example:
+    _refuse_placeholders([(f"turn {i}", turn.content) for i, turn in enumerate(turns, start=1)])
+    return Example(origin, turns=check_turns(turns), tools=tools)
 
 
 def to_example(fmt: str, values: dict[str, Any], origin: str, keys: TurnKeys | None = None) -> Example:
     """Normalise one row; raises BadRowError when it does not fit `fmt`."""
     keys = keys or turn_keys(fmt, {}, {})
+    system = _text(values, "system", required=False) if fmt != "text" else ""
     if fmt in ("messages", "sharegpt"):
         field = "messages" if fmt == "messages" else "conversations"
-        turns = _system_first(read_turns(values.get(field), field, keys), _text(values, "system", required=False))
-        tools = tool_schemas(values.get("tools") or values.get("functions"), "tools")
-        return Example(origin, turns=check_turns(turns), tools=tools)
+        turns = _system_first(read_turns(values.get(field), field, keys), system)
+        return _chat(origin, turns, tool_schemas(values.get("tools") or values.get("functions"), "tools"))
     if fmt == "alpaca":
         instruction = _text(values, "instruction")
         extra = _text(values, "input", required=False)
         output = _text(values, "output")
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         turns = [*history_turns(values.get("history")), Turn("user", user), Turn("assistant", output)]
-        turns = _system_first(turns, _text(values, "system", required=False))
-        return Example(origin, turns=check_turns(turns), tools=tool_schemas(values.get("tools"), "tools"))
+        return _chat(origin, _system_first(turns, system), tool_schemas(values.get("tools"), "tools"))
     if fmt == "prompt_completion":
         prompt, completion = values.get("prompt"), values.get("completion")
         if isinstance(prompt, list) and isinstance(completion, list):
             # Conversational prompt/completion (TRL's convention): lists of role/content turns.
-            turns = read_turns(prompt + completion, "prompt", keys)
-            return Example(origin, turns=check_turns(turns))
-        return Example(origin, prompt=_text(values, "prompt", allow_empty=True), completion=_text(values, "completion"))
+            return _chat(origin, _system_first(read_turns(prompt + completion, "prompt", keys), system))
+        if system.strip():
+            raise BadRowError(
+                "field 'system': a plain-text prompt/completion row is not rendered by a chat template, so it "
+                "has no place for a system prompt; write it into the prompt, or give the row as messages"
+            )
+        prompt_text, completion_text = _text(values, "prompt", allow_empty=True), _text(values, "completion")
+        _refuse_placeholders([("field 'prompt'", prompt_text), ("field 'completion'", completion_text)])
+        return Example(origin, prompt=prompt_text, completion=completion_text)
     if fmt == "text":
         return Example(origin, completion=_text(values, "text"))
     raise AssertionError(f"unhandled format {fmt}")

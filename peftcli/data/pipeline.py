@@ -25,7 +25,7 @@ from peftcli.data.formats import (
     unread_columns,
 )
 from peftcli.data.sources import BadRow, Row, read_source
-from peftcli.data.templates import ChatTemplate, resolve_template
+from peftcli.data.templates import ChatTemplate, resolve_template, thinking_from_data
 from peftcli.errors import UserError
 from peftcli.recipe import DataSection, DataSource
 
@@ -231,6 +231,8 @@ def prepare_data(data: DataSection, tokenizer, seed: int, eval_only: list[DataSo
         if data.eval_split is not None:
             per_source, eval_examples = _hold_out(per_source, data.eval_split, seed)
         train_examples = _mix(per_source, data.train, seed)
+        if template is not None:  # generation prompts in the thinking mode of the trained rows
+            template = thinking_from_data(tokenizer, template, train_examples)
     if eval_read is not None:
         eval_examples = [e for examples in eval_read.per_source for e in examples]
 

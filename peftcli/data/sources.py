@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftcli import console
 from peftcli.data.jsonrows import loads_row, read_json_records
 from peftcli.errors import PATH_RULE, UserError
 from peftcli.recipe import DataSource
@@ -46,7 +47,7 @@ def read_source(source: DataSource, key: str, text_split: str = "auto") -> list[
         files = sorted(p for p in glob.glob(path, recursive=True) if p.endswith(SUFFIXES))
         if not files:
             raise UserError(f"{key}: the pattern {path} matches no {'/'.join(SUFFIXES)} file")
-        return [row for file in files for row in _read_file(Path(file), key, text_split)]
+        return _read_files([Path(file) for file in files], key, text_split)
     local = Path(path)
     if not local.is_absolute():  # recipes make local paths absolute: a relative one is a hub id
         return _read_hub(source, key)
@@ -59,13 +60,34 @@ def read_source(source: DataSource, key: str, text_split: str = "auto") -> list[
                 f"{key}: {local} is a directory with no .jsonl/.json/.csv/.parquet file",
                 hint="point data.train at a file, a glob, or a folder of data files",
             )
-        return [row for file in found for row in _read_file(file, key, text_split)]
+        return _read_files(found, key, text_split)
     if local.is_file() or special_kind(local):
-        return _read_file(local, key, text_split)
+        return _read_files([local], key, text_split)
     raise UserError(f"{key}: data file not found: {path}", hint=PATH_RULE)
 
 
-def _read_file(path: Path, key: str, text_split: str = "auto") -> list[Row | BadRow]:
+# More .txt files than this in one source: how they were split is said in one line, not one per file.
+_SPLIT_NOTES = 3
+
+
+def _read_files(files: list[Path], key: str, text_split: str) -> list[Row | BadRow]:
+    """The rows of a source's files, and a note saying how its .txt files were split."""
+    splits: list[tuple[str, str]] = []  # (note, split chosen) of each .txt file
+    rows = [row for file in files for row in _read_file(file, key, text_split, splits)]
+    if len(splits) <= _SPLIT_NOTES:
+        for note, _ in splits:
+            console.note(note)
+    else:
+        lines = sum(1 for _, chosen in splits if chosen == "line")
+        console.note(
+            f"{key}: {len(splits):,} .txt files, {lines:,} read as lines (one example per line), "
+            f"{len(splits) - lines:,} as paragraphs (blank-line separated); data.text_split: line | paragraph "
+            "reads them all one way"
+        )
+    return rows
+
+
+def _read_file(path: Path, key: str, text_split: str, splits: list[tuple[str, str]]) -> list[Row | BadRow]:
     kind = special_kind(path)  # checked before opening: reading a FIFO blocks, a device never ends
     if kind is not None:
         raise UserError(f"{key}: {path} is {kind}, not a regular file", hint="point it at a data file")
@@ -73,16 +95,9 @@ def _read_file(path: Path, key: str, text_split: str = "auto") -> list[Row | Bad
         raise UserError(f"{key}: {path.name}: unsupported file type '{path.suffix}'", hint=f"use one of {SUFFIXES}")
     if path.stat().st_size == 0:
         raise UserError(f"{key}: {path} is empty")
-    readers = {
-        ".jsonl": _read_jsonl,
-        ".json": _read_json,
-        ".csv": _read_csv,
-        ".parquet": _read_parquet,
-        ".txt": _read_text,
-    }
-    reader = readers[path.suffix]
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     try:
-        return _read_text(path, text_split) if path.suffix == ".txt" else reader(path)
+        return _read_text(path, text_split, splits) if path.suffix == ".txt" else readers[path.suffix](path)
     except UnicodeDecodeError as exc:
         raise UserError(f"{key}: {path}: not UTF-8 text (byte {exc.start})") from None
     except PermissionError:
@@ -162,40 +177,78 @@ def _csv_rows(path: Path, reader) -> list[Row | BadRow]:
     return rows
 
 
-def _read_text(path: Path, split: str = "auto") -> list[Row | BadRow]:
-    """Plain text: one `text` row per paragraph (blank-line separated) or per line. `auto` takes
-    paragraphs when the file has a blank line between two lines of text, else lines: a corpus of one
-    document per line must not become one example cut at max_length."""
+def _read_text(path: Path, split: str, splits: list[tuple[str, str]]) -> list[Row | BadRow]:
+    """Plain text: one `text` row per paragraph (blank-line separated) or per line; which one, and
+    the note saying so, go into `splits`. `auto` takes paragraphs only when they are the file's
+    structure (see `_paragraph_shaped`): a corpus of one document per line must not become a few
+    examples cut at max_length because of a stray blank line."""
     lines = path.read_text(encoding="utf-8-sig").splitlines()
-    if split == "auto":
-        split = "paragraph" if _has_paragraphs(lines) else "line"
-    if split == "line":
-        return [Row({"text": line}, f"{path.name} line {n}") for n, line in enumerate(lines, start=1) if line.strip()]
-    rows: list[Row | BadRow] = []
-    paragraph: list[str] = []
-    start = 0
-    for number, line in enumerate(lines + [""], start=1):
-        if line.strip():
-            if not paragraph:
-                start = number
-            paragraph.append(line)
-        elif paragraph:
-            rows.append(Row({"text": "\n".join(paragraph)}, f"{path.name} line {start}"))
-            paragraph = []
+    blocks = _blocks(lines)
+    chosen = split if split != "auto" else ("paragraph" if _paragraph_shaped(blocks) else "line")
+    rows: list[Row | BadRow]
+    if chosen == "line":
+        rows = [Row({"text": line}, f"{path.name} line {n}") for n, line in enumerate(lines, start=1) if line.strip()]
+    else:
+        rows = [Row({"text": "\n".join(block)}, f"{path.name} line {start}") for start, block in blocks]
+    splits.append((_split_note(path, chosen, split, len(rows), [len(block) for _, block in blocks]), chosen))
     return rows
 
 
-def _has_paragraphs(lines: list[str]) -> bool:
-    """Whether a blank line separates two lines of text."""
-    text_seen = gap = False
-    for line in lines:
-        if not line.strip():
-            gap = text_seen
-        elif gap:
-            return True
-        else:
-            text_seen = True
-    return False
+def _blocks(lines: list[str]) -> list[tuple[int, list[str]]]:
+    """Runs of non-blank lines, with the line number each starts on."""
+    blocks: list[tuple[int, list[str]]] = []
+    current: list[str] = []
+    for number, line in enumerate(lines + [""], start=1):
+        if line.strip():
+            if not current:
+                blocks.append((number, current))
+            current.append(line)
+        elif current:
+            current = []
+    return blocks
+
+
+# A paragraph: a few lines of text between blank lines. A run far longer than this is not one, but
+# the documents of a one-per-line corpus between two stray blank lines.
+PARAGRAPH_MAX_LINES = 50
+PARAGRAPH_MAX_CHARS = 10_000
+
+
+def _paragraph_shaped(blocks: list[tuple[int, list[str]]]) -> bool:
+    """Whether blank lines give the file its structure: there are at least two blank-line separated
+    blocks, and most lines of text lie in blocks of several lines that are paragraph-sized. Blocks of
+    one line read the same either way; a few huge blocks are lines split by a stray blank line."""
+    if len(blocks) < 2:
+        return False
+    total = sum(len(block) for _, block in blocks)
+    in_paragraphs = sum(
+        len(block)
+        for _, block in blocks
+        if 1 < len(block) <= PARAGRAPH_MAX_LINES and sum(map(len, block)) <= PARAGRAPH_MAX_CHARS
+    )
+    return in_paragraphs * 2 > total
+
+
+def _split_note(path: Path, chosen: str, setting: str, rows: int, block_lines: list[int]) -> str:
+    if setting != "auto":
+        what = "paragraphs (blank-line separated)" if chosen == "paragraph" else "lines (one example per line)"
+        return f"{path.name}: read as {rows:,} {what}, as data.text_split: {setting} says"
+    if chosen == "paragraph":
+        return (
+            f"{path.name}: read as {rows:,} paragraphs (blank-line separated); "
+            "data.text_split: line reads one example per line"
+        )
+    gaps = len(block_lines) - 1
+    if gaps and max(block_lines) == 1:  # either way the same examples
+        why = "; its blank-line separated blocks are single lines"
+    elif gaps:
+        why = f"; {gaps:,} blank-line gap{'s' if gaps != 1 else ''} but no paragraphs"
+    else:
+        why = ""
+    return (
+        f"{path.name}: read as {rows:,} lines (one example per line{why}); "
+        "data.text_split: paragraph reads blank-line separated paragraphs"
+    )
 
 
 def _read_parquet(path: Path) -> list[Row | BadRow]:

@@ -12,6 +12,12 @@ from a probe), is the reply as the template writes it. Where a template renders 
 differently from a prefix (Qwen3 drops think blocks of earlier replies), the reply is searched for
 in the whole conversation instead, after the turn before it.
 
+Reasoning: a reply with a <think> block is rendered in thinking mode. A template that keeps only
+the text after `</think>` even in the last reply (DeepSeek-R1-distill's) would train the answer
+without its reasoning: such a row is refused (REASONING_DROPPED), never trained silently. Dropping
+the reasoning of earlier replies (Qwen3, R1) is how those templates render history at inference
+too, so those replies are trained as the template writes them.
+
 The stop signal: every trained reply ends in a token the model can emit. That is the end-of-turn
 marker when it is one special token of the tokenizer. Otherwise (ChatML's `<|im_end|>` on a base
 model that lacks it, a template from another family), the tokenizer's EOS is inserted after the
@@ -29,12 +35,21 @@ from rich.markup import escape
 from peftcli import console
 from peftcli.data.formats import BadRowError, Example
 from peftcli.data.templates import render, render_raw
+from peftcli.data.turns import carries_reasoning, reasoning_of
 
 # A reply no template rewrites, to learn what a template writes after a reply.
 PROBE = "peftcli-probe-reply"
+# Reasons name no tool or value of the row, so that skipped rows group under one reason each.
 CANNOT_RENDER_TOOLS = (
     "the chat template cannot render tool calls ({why}); set data.chat_template to one that can "
     "(e.g. chatml, or the model's own template if it supports tools)"
+)
+REASONING_DROPPED = (
+    "the chat template removes the reasoning (<think> block) from the last reply, as "
+    "DeepSeek-R1-distill templates do (they keep only the text after </think>), so the reply would be "
+    "trained without it; to train the reasoning, set data.chat_template to a template that keeps it "
+    "(a copy of this one without the split on '</think>', or chatml); to train answers alone, take "
+    "the reasoning out of the data"
 )
 _MARKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -116,9 +131,10 @@ def chat_spans(tokenizer, example: Example, train_on: str) -> tuple[str, list[tu
     text with the character span of each trained reply (the whole text for `all`)."""
     turns = example.turns
     # A reply that writes its own think block is trained with it, in thinking mode; otherwise
-    # templates that take `enable_thinking` render with it off (see templates.py).
-    thinking = True if any(t.role == "assistant" and "</think>" in t.content for t in turns) else None
+    # templates that take `enable_thinking` render in the mode the template records (templates.py).
+    thinking = True if carries_reasoning(turns) else None
     full = _render_whole(tokenizer, example, thinking)
+    _check_reasoning_kept(turns, full)
     marker = end_marker(tokenizer)
     assistants = [i for i, turn in enumerate(turns) if turn.role == "assistant"]
     if train_on == "all":
@@ -143,6 +159,14 @@ def chat_spans(tokenizer, example: Example, train_on: str) -> tuple[str, list[tu
     return _with_stops(tokenizer, full, bodies, marker)
 
 
+def _check_reasoning_kept(turns, full: str) -> None:
+    """Refuse a row whose last reply's reasoning the template leaves out (see REASONING_DROPPED)."""
+    last = next((t for t in reversed(turns) if t.role == "assistant"), None)
+    reasoning = reasoning_of(last.content) if last is not None else ""
+    if reasoning and reasoning not in full:
+        raise BadRowError(REASONING_DROPPED)
+
+
 def _render_whole(tokenizer, example: Example, thinking: bool | None) -> str:
     """The whole conversation. A template that raises on, or drops, tool calls, tool outputs or
     tool schemas makes a row it cannot train: say so, and what to do."""
@@ -157,10 +181,10 @@ def _render_whole(tokenizer, example: Example, thinking: bool | None) -> str:
         raise BadRowError(CANNOT_RENDER_TOOLS.format(why=f"it raised: {_first_line(exc)}")) from None
     for call in calls:
         if _name(call) not in full:
-            raise BadRowError(CANNOT_RENDER_TOOLS.format(why=f"it drops the call to {_name(call)}"))
+            raise BadRowError(CANNOT_RENDER_TOOLS.format(why="it drops function calls"))
     for tool in example.tools:
         if _name(tool) not in full:
-            raise BadRowError(CANNOT_RENDER_TOOLS.format(why=f"it drops the schema of {_name(tool)}"))
+            raise BadRowError(CANNOT_RENDER_TOOLS.format(why="it drops tool schemas"))
     for output in outputs:
         # Templates that write tool outputs as JSON (Llama 3.1) escape them.
         if output not in full and json.dumps(output, ensure_ascii=False)[1:-1] not in full:
@@ -180,7 +204,7 @@ def _locate(
         body = _without_tail(done[len(gen) :], marker)
         for call in turn.tool_calls:
             if _name(call) not in body:
-                raise BadRowError(CANNOT_RENDER_TOOLS.format(why=f"it drops the call to {_name(call)}"))
+                raise BadRowError(CANNOT_RENDER_TOOLS.format(why="it drops function calls"))
     # Where the reply starts when the template renders the history as a prefix (almost all do).
     at = len(gen) if gen is not None and full.startswith(gen) and len(gen) >= cursor else None
     if at is not None and body.strip() and full.startswith(body, at):

@@ -5,10 +5,14 @@ produces garbage at inference with a different template), so the chosen template
 tokenizer and saved with the adapter, and `auto` never guesses quietly: it warns when it falls back.
 
 Conversations are rendered through the template's own syntax for everything a row holds: tool
-schemas (`tools=`), assistant `tool_calls`, `tool` messages. Templates that take `enable_thinking`
-(Qwen3) are rendered with thinking off, in training and for generation prompts alike: such a
-template writes an empty think block before the last reply in training but none in its default
-generation prompt, so the model would be prompted at inference unlike anything it was trained on.
+schemas (`tools=`), assistant `tool_calls`, `tool` messages.
+
+Templates that take `enable_thinking` (Qwen3) prompt generation differently in each mode: thinking
+on, the prompt ends at `<|im_start|>assistant\n` and the model writes its reasoning; thinking off, the
+template pre-fills an empty `<think>\n\n</think>\n\n`. The mode training used is recorded in the
+installed (and saved) template as its default (`THINKING_ON` / `THINKING_OFF` at its top), and every
+render that does not choose a mode takes that default, so generation prompts the model as training
+did: on when the trained conversations carry reasoning (`thinking_from_data`), off otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 from peftcli import console
 from peftcli.data.formats import BadRowError
+from peftcli.data.turns import carries_reasoning
 from peftcli.errors import UserError
 from peftcli.recipe.files import human_size, read_capped, special_kind
 from peftcli.recipe.schema import BUILTIN_TEMPLATES
@@ -33,10 +38,12 @@ _PROBES = (
     ({"role": "user", "content": "Hi"},),
 )
 _REPLY = {"role": "assistant", "content": "Hello"}
-# Prepended to a template that takes `enable_thinking`: thinking off unless a caller asks for it.
+# Prepended to a template that takes `enable_thinking`: the mode used unless a caller asks for one.
 # An `if` opens no scope in Jinja, so the `set` holds for the whole template; no newline, so the
 # template's line numbers (in error messages) stay its own.
-THINKING_OFF = "{%- if enable_thinking is not defined %}{%- set enable_thinking = false %}{%- endif %}"
+THINKING_DEFAULT = "{%- if enable_thinking is not defined %}{%- set enable_thinking = VALUE %}{%- endif %}"
+THINKING_OFF = THINKING_DEFAULT.replace("VALUE", "false")
+THINKING_ON = THINKING_DEFAULT.replace("VALUE", "true")
 
 
 @dataclass(frozen=True)
@@ -64,9 +71,11 @@ def resolve_template(setting: str, tokenizer) -> ChatTemplate:
         template = ChatTemplate(setting, builtin_template(setting))
     else:
         template = ChatTemplate(setting, _read_template_file(Path(setting)))
-    if takes_thinking(template.source):
+    if takes_thinking(template.source) and thinking_default(template.source) is None:
         # Whoever renders with this tokenizer directly (apply_chat_template at generation, plain
         # transformers loading the adapter's saved template) then gets the prompts training saw.
+        # Off until the training data says otherwise (thinking_from_data); a template that already
+        # records a mode (an adapter's, for `eval --data`) keeps it.
         template = ChatTemplate(template.name, THINKING_OFF + template.source)
     tokenizer.chat_template = template.source
     _check_template(tokenizer, template)
@@ -89,7 +98,9 @@ def _read_template_file(path: Path) -> str:
             hint="is this the right file?",
         )
     try:
-        return data.decode("utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is no part of the template, and
+        # left in it would be rendered at the start of every example.
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(
             f"data.chat_template: {path} is not UTF-8 text (byte {exc.start})",
@@ -131,8 +142,51 @@ def takes_thinking(template) -> bool:
     return "enable_thinking" in str(template or "")
 
 
+def thinking_default(template) -> bool | None:
+    """The thinking mode a template records at its top (see THINKING_ON); None when it records none."""
+    text = str(template or "")
+    if text.startswith(THINKING_ON):
+        return True
+    if text.startswith(THINKING_OFF):
+        return False
+    return None
+
+
+def thinking_from_data(tokenizer, template: ChatTemplate, examples) -> ChatTemplate:
+    """Record on the tokenizer's template the thinking mode of the trained conversations: on when
+    any of them carries reasoning (a <think> block; such replies are trained in thinking mode, and
+    the others then learn to write an empty think block), off when none does."""
+    recorded = thinking_default(template.source)
+    if recorded is None:
+        return template  # a template without `enable_thinking`: one way to prompt
+    chats = [e for e in examples if e.is_chat]
+    reasoned = sum(1 for e in chats if carries_reasoning(e.turns))
+    body = template.source[len(THINKING_ON if recorded else THINKING_OFF) :]
+    if not reasoned:
+        return _install(tokenizer, ChatTemplate(template.name, THINKING_OFF + body))
+    if reasoned < len(chats):
+        console.warn(
+            f"data.train: {reasoned} of {len(chats)} conversations carry reasoning (<think> or "
+            "reasoning_content), the others do not: the model is prompted in thinking mode, so the "
+            "replies without reasoning are trained to write an empty think block; give every reply "
+            "its reasoning, or none, for one behaviour"
+        )
+    else:
+        console.note("the training replies carry reasoning: generation prompts use thinking mode (enable_thinking)")
+    return _install(tokenizer, ChatTemplate(template.name, THINKING_ON + body))
+
+
+def _install(tokenizer, template: ChatTemplate) -> ChatTemplate:
+    tokenizer.chat_template = template.source
+    return template
+
+
 def message(turn) -> dict:
-    """A Turn as the message dict chat templates read (OpenAI's shape); dicts pass through."""
+    """A Turn as the message dict chat templates read (OpenAI's shape); dicts pass through.
+
+    A turn that only calls tools has `content` "", not OpenAI's None: transformers drops keys whose
+    value is None before rendering, and a missing `content` breaks templates that read it (Phi-3,
+    Phi-4, TinyLlama, Mistral's), while DeepSeek-R1's `content is none` test is never true either way."""
     if isinstance(turn, dict):
         return turn
     out: dict = {"role": turn.role, "content": turn.content}
@@ -157,10 +211,12 @@ def render(tokenizer, turns, add_generation_prompt: bool = False, *, tools=(), t
 
 def render_raw(tokenizer, turns, add_generation_prompt: bool = False, *, tools=(), thinking: bool | None = None) -> str:
     """`render` with the template's own exceptions. `tools`: the tool schemas offered (OpenAI
-    style). `thinking`: for templates that take `enable_thinking`; None means off (see above)."""
+    style). `thinking`: for templates that take `enable_thinking`; None means the mode the template
+    records (see above), else off."""
     extra = {}
-    if takes_thinking(getattr(tokenizer, "chat_template", None)):
-        extra["enable_thinking"] = bool(thinking)
+    template = getattr(tokenizer, "chat_template", None)
+    if takes_thinking(template):
+        extra["enable_thinking"] = bool(thinking if thinking is not None else thinking_default(template))
     return tokenizer.apply_chat_template(
         [message(t) for t in turns],
         tools=list(tools) or None,

@@ -1,6 +1,13 @@
 """Conversations as the data files write them, read into `Turn`s: the role names of each convention
-(OpenAI, ShareGPT/FastChat, LLaMA-Factory), per-message `weight`, and tool calling (OpenAI `tools`,
-`tool_calls` and `tool` messages; ShareGPT's `function_call` and `observation` turns).
+(OpenAI, ShareGPT/FastChat, LLaMA-Factory, ms-swift), per-message `weight`, reasoning (a turn's
+`reasoning_content`, reasoning parts) and tool calling (OpenAI `tools`, `tool_calls` and `tool`
+messages; ShareGPT's `function_call` and `observation` turns; ms-swift's `tool_call` and
+`tool_response` turns).
+
+Reasoning is written into the reply as a `<think>` block before the answer, the way DeepSeek-R1-style
+models write it and the way Qwen3's template renders a `reasoning_content`, so every template sees it.
+Calls without an id (ShareGPT, glaive, ms-swift) get one, linked to the tool outputs that answer
+them: templates such as Mistral v0.3's refuse calls without ids.
 
 Every check a turn can fail raises `BadRowError` with a reason a user can act on; a key of a turn
 that nothing reads is reported once per source (formats.py), never dropped silently.
@@ -9,7 +16,7 @@ that nothing reads is reported once per source (formats.py), never dropped silen
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # What each role name of a file stands for. tool = a tool's output (never trained); tool_call = an
@@ -21,6 +28,8 @@ MESSAGES_ROLES = {
     "assistant": "assistant",
     "tool": "tool",
     "function": "tool",  # OpenAI's older function-calling API
+    "tool_call": "tool_call",  # ms-swift's agent format: the turn's text is the call
+    "tool_response": "tool",  # ms-swift's agent format: a tool's output
 }
 SHAREGPT_ROLES = {
     "system": "system",
@@ -33,9 +42,14 @@ SHAREGPT_ROLES = {
     "observation": "tool",  # LLaMA-Factory / glaive: a tool's output
     "tool": "tool",
     "function_call": "tool_call",  # LLaMA-Factory / glaive: the assistant calls a function
+    "tool_call": "tool_call",  # ms-swift
+    "tool_response": "tool",  # ms-swift
 }
 # Keys of a message that a convention defines, read below.
 MESSAGE_KEYS = {"role", "content", "weight", "loss_weight", "name", "tool_calls", "tool_call_id", "function_call"}
+MESSAGE_KEYS.add("reasoning_content")  # DeepSeek's and Qwen3's reasoning beside the answer
+# Ids given to calls that have none: alphanumeric and 9 characters long, as Mistral's template demands.
+CALL_ID = "call{:05d}"
 # Content given as typed parts (OpenAI's [{"type": "text", "text": ...}], LLaMA-Factory's v1 format
 # with "value" and reasoning / tool_call parts). Parts of these types would need a model that sees them.
 MEDIA_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file"}
@@ -162,8 +176,25 @@ def _parts(parts: list, where: str) -> tuple[str, tuple[dict, ...]]:
             raise BadRowError(f"{where}: unknown content part type '{kind}'")
     text = "".join(texts)
     if reasoning:
-        text = "<think>\n" + "\n".join(reasoning) + "\n</think>\n\n" + text
+        text = with_reasoning("\n".join(reasoning), text)
     return text, tuple(calls)
+
+
+def with_reasoning(reasoning: str, answer: str) -> str:
+    """A reply with its reasoning in a <think> block before the answer."""
+    return "<think>\n" + reasoning + "\n</think>\n\n" + answer
+
+
+def carries_reasoning(turns) -> bool:
+    """Whether an assistant reply of the conversation writes its reasoning (a <think> block)."""
+    return any(t.role == "assistant" and "</think>" in t.content for t in turns)
+
+
+def reasoning_of(text: str) -> str:
+    """The reasoning inside a reply's <think> block ("" when it has none)."""
+    if "</think>" not in text:
+        return ""
+    return text.split("</think>")[0].split("<think>")[-1].strip()
 
 
 def read_turns(items: Any, field_name: str, keys: TurnKeys) -> list[Turn]:
@@ -192,7 +223,8 @@ def _turn(item: Any, i: int, keys: TurnKeys) -> Turn:
         raise BadRowError(f"{where}: '{keys.role}' should be text, got {type(role_name).__name__}")
     if role_name not in keys.roles:
         raise BadRowError(
-            f"{where}: unknown role '{role_name}' (expected one of {', '.join(sorted(keys.roles))})",
+            f"{where}: unknown role '{role_name}' (expected one of {', '.join(sorted(keys.roles))}); "
+            f"map it with data.roles, e.g. {{{role_name}: assistant}}",
         )
     role = keys.roles[role_name]
     calls: tuple[dict, ...] = ()
@@ -212,6 +244,7 @@ def _turn(item: Any, i: int, keys: TurnKeys) -> Turn:
         raise BadRowError(f"{where}: '{keys.content}' should be text, got {type(text).__name__}")
     if calls and role != "assistant":
         raise BadRowError(f"{where}: only an assistant turn can call a function (this one is {role})")
+    text = _reasoned(item.get("reasoning_content"), text, role, where)
     name, call_id = item.get("name"), item.get("tool_call_id")
     return Turn(
         role,
@@ -223,9 +256,24 @@ def _turn(item: Any, i: int, keys: TurnKeys) -> Turn:
     )
 
 
+def _reasoned(reasoning: Any, text: str, role: str, where: str) -> str:
+    """The turn's text with its `reasoning_content` (DeepSeek, Qwen3) as a <think> block before it."""
+    if reasoning is None or reasoning == "":
+        return text
+    if not isinstance(reasoning, str):
+        raise BadRowError(f"{where}: 'reasoning_content' should be text, got {type(reasoning).__name__}")
+    if role != "assistant":
+        raise BadRowError(f"{where}: 'reasoning_content' on a {role} turn: only an assistant reply reasons")
+    if "</think>" in text:
+        raise BadRowError(
+            f"{where}: both 'reasoning_content' and a <think> block in the text; keep the reasoning in one of them"
+        )
+    return with_reasoning(reasoning, text)
+
+
 def check_turns(turns: list[Turn]) -> tuple[Turn, ...]:
     """A conversation a model can learn from: one leading system turn at most, an assistant turn,
-    no empty reply, tool outputs only after a call."""
+    no empty reply, tool outputs only after a call; calls without an id get one (`_with_call_ids`)."""
     if not turns:
         raise BadRowError("the conversation has no turns")
     if not any(t.role == "assistant" for t in turns):
@@ -239,7 +287,34 @@ def check_turns(turns: list[Turn]) -> tuple[Turn, ...]:
         if turn.role == "tool" and not called:
             raise BadRowError(f"turn {i}: a tool's output with no function call before it")
         called = called or bool(turn.tool_calls)
-    return tuple(turns)
+    return tuple(_with_call_ids(turns))
+
+
+def _with_call_ids(turns: list[Turn]) -> list[Turn]:
+    """Give each call without an id one (call00001, call00002, ... per conversation, skipping ids the
+    row uses), and each tool output without a `tool_call_id` the id of the call it answers: the call
+    of the latest calling turn with the tool's `name`, else the first one not answered yet."""
+    used = {c["id"] for t in turns for c in t.tool_calls if "id" in c}
+    used |= {t.tool_call_id for t in turns if t.tool_call_id}
+    numbers = (CALL_ID.format(n) for n in range(1, 100_000))
+    out: list[Turn] = []
+    open_calls: list[dict] = []  # calls of the latest calling turn that no output has answered yet
+    for turn in turns:
+        if turn.tool_calls:
+            calls = []
+            for call in turn.tool_calls:
+                if "id" not in call:
+                    call = {**call, "id": next(n for n in numbers if n not in used)}
+                calls.append(call)
+            turn, open_calls = replace(turn, tool_calls=tuple(calls)), list(calls)
+        elif turn.role == "tool" and open_calls:
+            if turn.tool_call_id is None:
+                named = [c for c in open_calls if c["function"].get("name") == turn.name]
+                answered = (named or open_calls)[0]
+                turn = replace(turn, tool_call_id=answered["id"])
+            open_calls = [c for c in open_calls if c["id"] != turn.tool_call_id]
+        out.append(turn)
+    return out
 
 
 def history_turns(value: Any) -> list[Turn]:

@@ -32,9 +32,10 @@ class Prompt:
 
 def render_prompt(tokenizer, messages: list, chat: bool, tools: tuple[dict, ...] = ()) -> str:
     """The text a model continues: rendered as training rendered it (the same template, tool
-    schemas and thinking setting), or the raw prompt."""
+    schemas and thinking mode), or the raw prompt. The thinking mode is the one the adapter's saved
+    template records (on when it was trained on reasoning), so no mode is passed here."""
     if chat:
-        return render_raw(tokenizer, messages, add_generation_prompt=True, tools=tools)
+        return render_raw(tokenizer, messages, add_generation_prompt=True, tools=tools, thinking=None)
     return messages[-1]["content"]
 
 
