@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make setup     create $(VENV), install torch ($(TORCH)) then peftcli[dev,bench,gguf]"
-	@echo "make demo      pre-train a tiny base (once), teach it a skill with LoRA, compare with full fine-tuning (offline, ~2.5 min on 2 CPU cores)"
+	@echo "make demo      pre-train a tiny base (once), teach it a skill with LoRA, compare with full fine-tuning (offline, ~3-4 min on 2 busy CPU cores)"
 	@echo "make test      the full CPU test suite (offline, < 10 min)"
 	@echo "make test-gpu  tests marked gpu (needs CUDA)"
 	@echo "make gpu-check test-gpu + the llama-1b/llama-8b benches on a GPU machine (scripts/gpu_check.sh)"
@@ -46,13 +46,13 @@ $(DEMO_BASE)/config.json: $(STAMP) scripts/make_tiny_model.py recipes/demo-base.
 
 demo: $(STAMP) $(DEMO_BASE)/config.json
 	$(BIN)/peftcli train recipes/demo.yaml --overwrite
-	$(BIN)/peftcli eval runs/demo
+	$(BIN)/peftcli eval runs/demo --generate
 	$(BIN)/peftcli compare recipes/demo.yaml --methods lora,full --out runs/demo-compare --overwrite
 	@echo
 	@$(BIN)/python scripts/demo_figures.py
 	@echo
 	@echo "Demo done. Report: runs/demo/report.md (eval: runs/demo/eval.md)   LoRA vs full: runs/demo-compare/compare.md"
-	@echo "Next: peftcli eval runs/demo --generate;  peftcli merge runs/demo --out merged/demo;  peftcli serve --adapter demo=runs/demo"
+	@echo "Next: peftcli generate --adapter demo=runs/demo --prompt 'What follows May?';  peftcli merge runs/demo --out merged/demo;  peftcli serve --adapter demo=runs/demo"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)

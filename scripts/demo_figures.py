@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- demo-figures:begin -->", "<!-- demo-figures:end -->"
 # Figures a rerun reproduces exactly (parameter counts) and those it reproduces roughly.
-EXACT = ("lora_trainable_params", "full_trainable_params")
+EXACT = ("lora_trainable_params", "full_trainable_params", "skill_questions")
 
 
 def _read(path: Path) -> dict:
@@ -49,6 +49,10 @@ def figures(base_run: Path, demo_run: Path, compare_dir: Path) -> dict:
         "skill_loss_lora": evaluated["tuned"]["loss"],
         "skill_accuracy_base": evaluated["base"]["token_accuracy"],
         "skill_accuracy_lora": evaluated["tuned"]["token_accuracy"],
+        # Whole answers generated greedily on the held-out questions: the skill as a user sees it.
+        "skill_exact_base": evaluated["generation"]["base"]["exact_match"],
+        "skill_exact_lora": evaluated["generation"]["tuned"]["exact_match"],
+        "skill_questions": evaluated["generation"]["examples"],
         "lora_forgetting_percent": lost.get("forgetting_percent"),
     }
     for method in ("lora", "full"):
@@ -70,9 +74,12 @@ def render(figs: dict) -> str:
         "",
         f"The base, pre-trained on `recipes/data/general/corpus.txt` ({f['base_pretrain_tokens']:,} tokens), "
         f"predicts held-out general text at perplexity {f['base_general_perplexity']:.2f}. LoRA then trains "
-        f"it on the skill: eval loss {f['skill_loss_base']:.2f} → {f['skill_loss_lora']:.2f}, next-token "
-        f"accuracy on the answers {f['skill_accuracy_base']:.0%} → {f['skill_accuracy_lora']:.0%}, while its "
-        f"perplexity on general text moves {f['lora_forgetting_percent']:+.1f} % (`runs/demo/eval.md`). "
+        f"it on the skill: of {f['skill_questions']} held-out questions it answers "
+        f"{round(f['skill_exact_base'] * f['skill_questions'])} exactly before and "
+        f"{round(f['skill_exact_lora'] * f['skill_questions'])} after (eval loss {f['skill_loss_base']:.2f} → "
+        f"{f['skill_loss_lora']:.2f}, next-token accuracy on the answers {f['skill_accuracy_base']:.0%} → "
+        f"{f['skill_accuracy_lora']:.0%}), while its perplexity on general text moves "
+        f"{f['lora_forgetting_percent']:+.1f} % (`runs/demo/eval.md`). "
         "The same recipe with full fine-tuning (`runs/demo-compare/compare.md`) learns the skill further and "
         "forgets far more:",
         "",
@@ -127,6 +134,10 @@ def story_breaks(f: dict, threshold: float = 5.0) -> list[str]:
     """What README's sentences claim beyond the figures: a fresh run must still tell that story."""
     claims = [
         (f["skill_loss_lora"] < f["skill_loss_base"], "LoRA did not lower the skill's eval loss"),
+        (
+            f["skill_exact_lora"] >= 0.25 > f["skill_exact_base"],
+            "LoRA does not answer a quarter of the held-out questions right, or the base already did",
+        ),
         (f["lora_forgetting_percent"] < threshold, f"LoRA's forgetting is above the {threshold} % check"),
         (f["full_eval_loss"] < f["lora_eval_loss"], "full fine-tuning did not learn the skill further than LoRA"),
         (

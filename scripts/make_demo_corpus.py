@@ -3,16 +3,17 @@
 
     corpus.txt        what the demo base is pre-trained on (`make demo` does it once, then caches it)
     heldout.txt       held-out paragraphs of the same kind: `peftcli eval` measures forgetting on them
-    skill_train.jsonl the new skill LoRA teaches: calendar and counting questions in a chat, answered
-    skill_eval.jsonl  in a sentence ("What comes after Monday?" -> "Tuesday comes after Monday.");
+    skill_train.jsonl the new skill LoRA teaches: asked in a chat which day or month comes after
+    skill_eval.jsonl  another, answer in a sentence ("What follows May?" -> "After May comes June.");
                       each eval question pairs a fact and a phrasing never seen together in training
 
 A tiny model on 2 CPU cores can only learn a small language in seconds, so this is one: short
 paragraphs about people, animals, places, weather, days and months, drawn from a fixed grammar with
-a fixed seed. It stands for "general ability": the demo then teaches a new skill (answering calendar
-and counting questions in a chat format the base has never seen) and checks how much of this
-ability each method keeps. The reference paragraphs come from another seed, so none of them is a
-paragraph the base saw.
+a fixed seed. It stands for "general ability", and it includes the order of the days and months
+("First May, then June, then July."), which the base learns as text. What it never sees is a
+question about that order: the skill the demo teaches is answering one, in a chat, from what the
+base already knows, and the demo checks how much of the general text each method still predicts.
+The held-out paragraphs come from another seed, so none of them is a paragraph the base saw.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from make_demo_data import DAYS, MONTHS, NUMBERS, build, facts  # scripts/ is on the path when run as a script
+from make_demo_data import DAYS, MONTHS, build, facts  # scripts/ is on the path when run as a script
 
 PEOPLE = [
     "the farmer",
@@ -64,27 +65,27 @@ def sentence(rng: random.Random) -> str:
         f"{rng.choice(SEASONS[season])} is a month of {season}.",
         f"Every {rng.choice(DAYS)} {person} and {rng.choice(PEOPLE)} meet at {place}.",
         f"{person.capitalize()} saw {animal} near {place} and smiled.",
-        # What the skill will ask about, told as plain facts: the new skill is answering questions
-        # about them in a chat, which no conversation below does.
-        _order(rng, DAYS),
-        _order(rng, MONTHS),
-        _sum(rng),
+        # What the skill will ask about, as plain text: the order of the days and of the months. Twice
+        # as often as the other sentences, so that a base pre-trained for seconds has learned it.
+        _run(rng, DAYS),
+        _run(rng, MONTHS),
+        _run(rng, DAYS),
+        _run(rng, MONTHS),
     ]
     return rng.choice(templates)
 
 
-def _order(rng: random.Random, cycle: list[str]) -> str:
-    i = rng.randrange(len(cycle))
-    this, after, before = cycle[i], cycle[(i + 1) % len(cycle)], cycle[(i - 1) % len(cycle)]
-    unit = "day" if cycle is DAYS else "month"
+def _run(rng: random.Random, cycle: list[str]) -> str:
+    """A few days or months in their order, from anywhere in the cycle."""
+    start, count = rng.randrange(len(cycle)), rng.randint(3, 6)
+    names = [cycle[(start + k) % len(cycle)] for k in range(count)]
     return rng.choice(
-        [f"{after} comes after {this}.", f"{before} comes before {this}.", f"The {unit} after {this} is {after}."]
+        [
+            f"{', '.join(names[:-1])} and {names[-1]}.",
+            f"First {names[0]}, then {', then '.join(names[1:])}.",
+            f"After {names[0]} comes {names[1]}.",
+        ]
     )
-
-
-def _sum(rng: random.Random) -> str:
-    a, b = rng.randrange(10), rng.randrange(10)
-    return f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} makes {NUMBERS[a + b]}."
 
 
 def paragraph(rng: random.Random) -> str:
@@ -117,19 +118,28 @@ def conversation(rng: random.Random) -> str:
     return system + "<|im_end|>\n".join(turns)
 
 
-# The skill (recipes/demo.yaml): the tests' calendar-and-counting questions (make_demo_data.py), answered
-# in the sentence the base read in pre-training ("Tuesday comes after Monday."): what LoRA teaches is
-# answering such questions in a chat, not a new way of writing.
+# The skill (recipes/demo.yaml): which day or month comes after another, asked in a chat in one of
+# eight ways and answered in the sentence the base read as text ("After May comes June."). What LoRA
+# teaches is the step from a question to that knowledge, not the knowledge itself.
 SKILL_SYSTEM = "You are a concise assistant. Answer in one sentence."
+SKILL_ASK = {
+    "after": [
+        "What comes after {x}?",
+        "Which one follows {x}?",
+        "Name the one after {x}.",
+        "After {x} comes?",
+        "What follows {x}?",
+        "Tell me what comes after {x}.",
+        "And after {x}?",
+        "Which comes next after {x}?",
+    ]
+}
 
 
 def skill_rows() -> tuple[list[dict], list[dict]]:
-    def told(kind: str, slots: dict, answer: str) -> tuple[str, dict, str]:
-        if kind == "sum":
-            return kind, slots, f"{slots['a'].capitalize()} plus {slots['b']} makes {answer}."
-        return kind, slots, f"{answer} comes {kind} {slots['x']}."
-
-    return build(all_facts=[told(*fact) for fact in facts()], system=SKILL_SYSTEM)
+    """Every (fact, phrasing) pair; one phrasing of each fact is held out for eval."""
+    asked = [(kind, slots, f"After {slots['x']} comes {answer}.") for kind, slots, answer in facts() if kind == "after"]
+    return build(all_facts=asked, system=SKILL_SYSTEM, eval_rows=len(asked), ask=SKILL_ASK)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

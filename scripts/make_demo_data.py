@@ -74,7 +74,11 @@ def facts():
 
 
 def build(
-    seed: int = 0, eval_rows: int = 64, all_facts: list | None = None, system: str = SYSTEM
+    seed: int = 0,
+    eval_rows: int = 64,
+    all_facts: list | None = None,
+    system: str = SYSTEM,
+    ask: dict[str, list[str]] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Every (fact, phrasing) pair as a row; for `eval_rows` facts one pair is held out for eval."""
     rng = random.Random(seed)
@@ -82,7 +86,7 @@ def build(
     tested = set(rng.sample(range(len(all_facts)), eval_rows))
     train, held_out = [], []
     for index, (kind, slots, answer) in enumerate(all_facts):
-        phrasings = ASK[kind]
+        phrasings = (ask or ASK)[kind]
         held = rng.randrange(len(phrasings)) if index in tested else None
         for number, phrasing in enumerate(phrasings):
             question = phrasing.format(**slots)
