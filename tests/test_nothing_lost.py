@@ -75,6 +75,21 @@ def test_output_dir_on_the_project_folder_is_refused(tmp_path, tiny_model, cli, 
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("flags", [(), ("--overwrite",)])
+def test_a_project_folder_holding_only_run_named_files_is_not_a_run(tmp_path, tiny_model, cli, flags):
+    """The same with the data elsewhere and only run-named files beside the recipe (its notes in a
+    report.md): the folder once passed for an unmarked old run, and --overwrite emptied it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    recipe = base_recipe(tiny_model, ".", data={"train": str(DEMO_TRAIN), "eval": None})
+    path = write_recipe(project / "recipe.yaml", recipe)
+    (project / "report.md").write_text("my notes\n")
+    before = _snapshot(tmp_path)
+    result = cli("train", path, *flags)
+    assert result.code == 2 and len(result.error_lines) == 1, result.err
+    assert _snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("where", ["model", "data folder", "ancestor of the data"])
 def test_output_dir_may_not_hold_the_model_or_the_data(tmp_path, tiny_model, cli, where):
     data = tmp_path / "sets" / "mine" / "train.jsonl"
@@ -160,8 +175,19 @@ def _truncate(path: Path) -> None:
         (lambda c: _truncate(c / "adapter_model.safetensors"), "adapter_model.safetensors: truncated"),
         (lambda c: _truncate(c / "optimizer.safetensors"), "optimizer.safetensors: truncated"),
         (lambda c: _truncate(c / "trainer_state.json"), "trainer_state.json: damaged"),
+        # JSON that parses but holds nothing resumable: once a KeyError after the run had started
+        (lambda c: (c / "rng_state.json").write_text("{}"), "rng_state.json lacks"),
+        (lambda c: (c / "optimizer.json").write_text("{}"), "optimizer.json lacks"),
+        (lambda c: (c / "scheduler.json").write_text("[]"), "scheduler.json lacks"),
     ],
-    ids=["truncated adapter", "truncated optimizer", "cut trainer_state.json"],
+    ids=[
+        "truncated adapter",
+        "truncated optimizer",
+        "cut trainer_state.json",
+        "empty rng",
+        "empty optimizer",
+        "scheduler",
+    ],
 )
 @pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_model, cli, monkeypatch, damage, named):
@@ -173,6 +199,17 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_m
     assert read_json(run / "metrics.json")["steps"] == 12
     named_path = cli("train", path, "--resume", run / "checkpoint-8")  # finished now: nothing to resume
     assert named_path.code == 2
+
+
+@pytest.mark.slow
+def test_resume_from_a_named_checkpoint_that_cannot_load_removes_nothing(tmp_path, tiny_model, cli, monkeypatch):
+    """The later checkpoints go only once the named one has loaded: a damaged RNG state used to
+    remove checkpoint-8 and -10 and then fail with "this is a bug"."""
+    path, run = _interrupted(tmp_path, tiny_model, monkeypatch)
+    (run / "checkpoint-4" / "rng_state.json").write_text("{}")
+    result = cli("train", path, "--resume", run / "checkpoint-4")
+    assert result.code == 2 and "rng_state.json" in result.err and "bug" not in result.err, result.err
+    assert {p.name for p in run.glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-8", "checkpoint-10"}
 
 
 @pytest.mark.slow

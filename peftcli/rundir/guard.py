@@ -5,15 +5,12 @@ of the recipe, the data or the model."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-
-import yaml
 
 from peftcli.errors import UserError
 from peftcli.model.checks import is_local
@@ -58,24 +55,12 @@ def foreign_entries(path: Path, owns) -> list[str]:
     return sorted(e.name for e in path.iterdir() if e.name not in IGNORED and e.name != LOCK and not owns(e.name))
 
 
-def _legacy_run(path: Path) -> bool:
-    """A run written before the marker existed: only run entries, and a recipe.yaml naming this
-    folder as output.dir (resolved, as the recipe's paths are, against the recipe's own folder)."""
-    try:
-        saved = yaml.safe_load((path / RECIPE).read_text(encoding="utf-8"))
-        named = Path(os.path.expanduser(str(saved["output"]["dir"])))
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
-        return False
-    named = named if named.is_absolute() else path / named
-    return named.resolve() == path.resolve() and not foreign_entries(path, run_owns)
-
-
 def is_run_dir(path: Path) -> bool:
     """Whether a folder is a run written by `peftcli train` (the only kind --overwrite may empty)."""
+    # Only the marker says so: a folder that merely looks like a run (a recipe.yaml naming it, a
+    # report.md) may be the user's project, and --overwrite would empty it.
     marker = read_marker(path)
-    if marker is not None:
-        return marker.get("kind") == RUN_KIND
-    return (path / RECIPE).is_file() and _legacy_run(path)
+    return marker is not None and marker.get("kind") == RUN_KIND
 
 
 def _listed(names: list[str], limit: int = 5) -> str:
@@ -204,9 +189,15 @@ def claim_run_dir(path: Path, fresh: bool) -> Iterator[None]:
     the folder itself if this command created it, else only those files."""
     from peftcli.rundir.lock import RunLock
 
-    created = not path.exists()
+    # Whether this command created the folder is what mkdir says, not an earlier exists(): two new
+    # runs racing for one folder must not both think they made it (the loser would remove it).
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+            created = True
+        except FileExistsError:
+            created = False
     except OSError as exc:
         raise UserError(f"output.dir: cannot create {path}: {exc.strerror}") from None
     lock = RunLock(path)

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +88,36 @@ def problems(checkpoint: Path) -> list[str]:
         int(state["global_step"])
     except (KeyError, TypeError, ValueError):
         return [f"damaged ({STATE} has no global_step)"]
-    return []
+    wrong = [f"{name} lacks {what}" for name, what in _json_shapes(checkpoint)]
+    return [f"damaged ({'; '.join(wrong)})"] if wrong else []
+
+
+def _json_shapes(checkpoint: Path) -> Iterator[tuple[str, str]]:
+    """JSON state files that parse but do not hold what resuming reads (the trainer would fail on
+    them only after the run started): (file, what is missing)."""
+
+    def read(path: Path):
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    # Only files that are there: sharded runs keep upstream's own (pickled) optimizer files instead.
+    optimizer = (
+        read(checkpoint / OPTIMIZER_META)
+        if (checkpoint / OPTIMIZER_META).exists()
+        else {"state": 0, "param_groups": []}
+    )
+    if not (isinstance(optimizer, dict) and "state" in optimizer and isinstance(optimizer.get("param_groups"), list)):
+        yield OPTIMIZER_META, "its state and param_groups"
+    scheduler = read(checkpoint / SCHEDULER) if (checkpoint / SCHEDULER).exists() else {"last_epoch": 0}
+    if not (isinstance(scheduler, dict) and "last_epoch" in scheduler):
+        yield SCHEDULER, "the scheduler's last_epoch"
+    for rng in checkpoint.glob(f"{RNG}*.json"):
+        meta = read(rng)
+        python, numpy = (meta.get("python"), meta.get("numpy")) if isinstance(meta, dict) else (None, None)
+        if not (isinstance(python, list) and len(python) == 3 and isinstance(numpy, list) and len(numpy) == 4):
+            yield rng.name, "the python and numpy RNG states"
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

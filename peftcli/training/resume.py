@@ -204,7 +204,14 @@ def discard_after_load(run_dir: Path, checkpoint: Path):
     from transformers import TrainerCallback
 
     class DiscardAbandoned(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
+        # At the first step, not at train begin: by then the trainer has loaded the checkpoint's
+        # optimizer, scheduler and RNG state, so a checkpoint that fails to load deletes nothing.
+        done = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.done:
+                return
+            self.done = True
             removed = discard_abandoned(run_dir, checkpoint)
             if removed:
                 console.note(f"resuming from {checkpoint.name}: removed the later {', '.join(removed)}")
