@@ -57,16 +57,32 @@ def generate(
             "--json writes replies for a script; --interactive is a chat for a person",
             hint="give the prompts with --prompt TEXT or --prompts FILE and add --json",
         )
-    session = Session(base, parse_adapters(adapter or []))
+    parsed = parse_adapters(adapter or [])
+    names = [name for name, _ in parsed]
+    # Prompts are read and checked before the model loads: a bad one fails in a second, not a minute.
+    _check_text(system, "--system")
+    _check_text(prompt, "--prompt")
+    pairs = read_prompts(prompts, names) if prompts is not None else [(prompt or "", n) for n in _every_adapter(names)]
+    session = Session(base, parsed)
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature}
-    names = list(session.adapters)
     if interactive:
         chat(session, system, **options)
-    elif prompts is not None:
-        run_prompts(session, read_prompts(prompts, names), system, as_json, **options)
     else:
-        assert prompt is not None  # exactly one of the three was given
-        run_prompts(session, [(prompt, n) for n in _every_adapter(names)], system, as_json, **options)
+        run_prompts(session, pairs, system, as_json, **options)
+
+
+def _check_text(text: str | None, what: str) -> None:
+    """Text a tokenizer can encode: bytes that are not UTF-8 reach Python as lone surrogates (an
+    argument in another encoding, a JSON \\ud800 escape), which no tokenizer accepts."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(
+            f"{what}: not UTF-8 text (character {exc.start + 1} is a stray byte or lone surrogate)",
+            hint="write the prompt in UTF-8 (check the terminal's or the file's encoding)",
+        ) from None
 
 
 def _every_adapter(names: list[str]) -> list[str | None]:
@@ -81,7 +97,17 @@ def read_prompts(path: Path, names: list[str]) -> list[tuple[str, str | None]]:
     if not path.is_file():
         raise UserError(f"--prompts {path}: no such file")
     pairs: list[tuple[str, str | None]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line_number = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"--prompts {path}: not UTF-8 text (line {line_number}, byte {exc.start})",
+            hint="save the file as UTF-8",
+        ) from None
+    except OSError as exc:
+        raise UserError(f"--prompts {path}: cannot read it ({exc.strerror or exc})") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
@@ -89,9 +115,10 @@ def read_prompts(path: Path, names: list[str]) -> list[tuple[str, str | None]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"--prompts {path.name} line {number}: invalid JSON ({exc.msg})") from None
-            text, target = row.get("prompt"), row.get("adapter")
-            if not isinstance(text, str):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise UserError(f"--prompts {path.name} line {number}: needs a 'prompt' string")
+            text, target = row["prompt"], row.get("adapter")
+            _check_text(text, f"--prompts {path.name} line {number}")
             if target is not None and target not in names and target != BASE:
                 raise UserError(
                     f"--prompts {path.name} line {number}: unknown adapter {target!r}",
@@ -159,6 +186,11 @@ def chat(session: Session, system: str | None, **options) -> None:
         elif command.startswith("/"):
             console.err.print(HELP, markup=False)
         elif line.strip():
+            try:
+                _check_text(line, "that line")
+            except UserError as exc:  # a chat goes on: say so, and wait for the next line
+                console.err.print(exc.message, markup=False)
+                continue
             history.append({"role": "user", "content": line})
             system_turn = [{"role": "system", "content": system}] if system else []
             history.append(

@@ -28,13 +28,37 @@ class Record:
 def loads_row(text: str) -> Any:
     """json.loads, with every failure a ValueError whose message is a reason a user can act on."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
         raise ValueError("nested too deeply to read (lists or objects inside each other)") from None
     except ValueError as exc:  # Python refuses to convert integers over 4,300 digits
         raise ValueError(f"cannot read a number in it ({str(exc).split(':')[0]})") from None
+    _check_encodable(value)
+    return value
+
+
+def _check_encodable(value: Any) -> None:
+    """JSON's \\ud800-style escapes can spell a lone surrogate, which is no character: no tokenizer can
+    encode it (the fast ones fail with a TypeError), so such a row is refused here, where its line is known."""
+    pending = [value]
+    while pending:  # a loop, not recursion: json.loads already accepted the nesting depth
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = item[exc.start]
+                raise ValueError(
+                    f"a string holds a lone surrogate (\\u{ord(bad):04x}) at character {exc.start + 1} of "
+                    f"{item[:40]!r}, which is not text (a broken \\u escape); fix or drop that character"
+                ) from None
 
 
 def read_json_records(path: Path) -> list[Record]:
@@ -62,10 +86,18 @@ def read_json_records(path: Path) -> list[Record]:
         keys = list(value)
         value = [dict(zip(keys, items)) for items in zip(*value.values())]
     if isinstance(value, dict):  # one record (Axolotl's fixtures, a single conversation)
-        return [Record(value, f"{path.name} (its one object)")]
+        return [_checked(value, f"{path.name} (its one object)")]
     if not isinstance(value, list):
         raise UserError(f"{path}: expected a list of records, got a JSON {type(value).__name__}")
-    return [Record(item, f"{path.name} record {number}") for number, item in enumerate(value, start=1)]
+    return [_checked(item, f"{path.name} record {number}") for number, item in enumerate(value, start=1)]
+
+
+def _checked(value: Any, origin: str) -> Record:
+    try:
+        _check_encodable(value)
+    except ValueError as exc:
+        return Record(None, origin, str(exc))
+    return Record(value, origin)
 
 
 def _is_columnar(value: Any) -> bool:

@@ -20,7 +20,7 @@ from peftcli.errors import UserError
 from peftcli.evaluation.generation import Prompt, active, generate, render_prompt
 from peftcli.methods import method_of
 from peftcli.model.checks import check_model_source
-from peftcli.model.load import adapter_mismatch, is_shape_mismatch, load_model, load_tokenizer, quiet_libraries
+from peftcli.model.load import attach_adapter, load_model, load_tokenizer, quiet_libraries
 from peftcli.recipe import ModelSection, Recipe
 from peftcli.rundir import open_run
 
@@ -72,8 +72,6 @@ class Session:
     """The base model with its adapters attached, and the tokenizer each one uses."""
 
     def __init__(self, base: str | None, adapters: list[tuple[str, Path]]):
-        from peft import PeftModel
-
         runs = [(name, open_run(path)) for name, path in adapters]
         recipes = [run.recipe() for _, run in runs]
         model_section = base_model(base, [(name, recipe) for (name, _), recipe in zip(runs, recipes)])
@@ -100,15 +98,8 @@ class Session:
         self.base_tokenizer = load_tokenizer(model_section)
         self.adapters: dict[str, Adapter] = {}
         for (name, run), recipe in zip(runs, recipes):
-            try:
-                if not self.adapters:
-                    self.model = PeftModel.from_pretrained(self.model, str(run.adapter), adapter_name=name)
-                else:
-                    self.model.load_adapter(str(run.adapter), adapter_name=name)
-            except Exception as exc:  # noqa: BLE001 - torch and peft phrase a mismatch in several types
-                if is_shape_mismatch(exc):
-                    raise adapter_mismatch(f"{name} ({run.adapter})", model_section.name, exc) from None
-                raise
+            label = f"{name} ({run.adapter})"
+            self.model = attach_adapter(self.model, str(run.adapter), model_section.name, name, label)
             tokenizer = load_tokenizer(recipe.model, path=str(run.adapter))
             chat = (run.metrics().get("data") or {}).get("chat_template") is not None
             self.adapters[name] = Adapter(name, run.path, tokenizer, chat)

@@ -135,11 +135,81 @@ def is_shape_mismatch(exc: BaseException) -> bool:
 
 def adapter_mismatch(adapter: str, base: str, exc: BaseException) -> UserError:
     detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+    return _does_not_fit(adapter, base, detail[:240])
+
+
+def _does_not_fit(adapter: str, base: str, detail: str) -> UserError:
     return UserError(
-        f"the adapter {adapter} does not fit the base {base}: {detail[:240]}",
+        f"the adapter {adapter} does not fit the base {base}: {detail}",
         hint="an adapter loads only on the base it was trained on (same architecture and sizes); was the model "
         "folder replaced, or the adapter trained on another base?",
     )
+
+
+def attach_adapter(model, folder: str, base: str, adapter_name: str = "default", label: str | None = None):
+    """`model` with the adapter in `folder` attached as `adapter_name` (a PeftModel is given one more).
+
+    PEFT loads with strict=False: weights the base has no place for (an adapter trained on a deeper
+    base) and adapter weights the file lacks are only warned about, or not at all, and the adapter then
+    silently does nothing. Both are a user error here, as is an adapter_config.json PEFT cannot use."""
+    import json
+
+    from peft import PeftModel
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    label = label or folder
+    config_file = os.path.join(folder, "adapter_config.json")
+    hint = "the file was edited or damaged; copy the run's adapter/ folder again, or retrain"
+    try:
+        with open(config_file, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_file}: cannot read it ({exc})", hint=hint) from None
+    peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        what = "has no peft_type" if peft_type is None else f"names peft_type {peft_type!r}, which PEFT does not know"
+        raise UserError(f"{config_file} {what}", hint=hint)
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(folder, adapter_name=adapter_name)
+        else:
+            model = PeftModel.from_pretrained(model, folder, adapter_name=adapter_name)
+    except NoMatchingPeftModuleError as exc:
+        raise UserError(
+            f"{config_file}: its target_modules match no module of the base {base} ({str(exc)[:160]})",
+            hint="an adapter loads only on the base it was trained on; was adapter_config.json edited?",
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch and peft phrase a mismatch in several types
+        if is_shape_mismatch(exc):
+            raise adapter_mismatch(label, base, exc) from None
+        if isinstance(exc, (KeyError, TypeError, ValueError)):  # a config field PEFT cannot build from
+            raise UserError(f"{config_file}: PEFT cannot use it ({exc.__class__.__name__}: {exc})", hint=hint) from None
+        raise
+    _check_weights_fit(model, folder, adapter_name, label, base)
+    return model
+
+
+def _check_weights_fit(model, folder: str, adapter_name: str, label: str, base: str) -> None:
+    """The adapter's saved weights are exactly those the attached adapter has: what it would save now.
+    (from_pretrained does not return PEFT's load result, and loading twice breaks AdaLoRA's ranks.)"""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    with safe_open(weights, framework="pt") as handle:
+        saved = set(handle.keys())
+    expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    problems = [
+        f"{len(keys)} {why}: {', '.join(keys[:2])}" + (f" (+{len(keys) - 2} more)" if len(keys) > 2 else "")
+        for keys, why in (
+            (sorted(saved - expected), "with no place in the base"),
+            (sorted(expected - saved), "missing weights"),
+        )
+        if keys
+    ]
+    if problems:
+        raise _does_not_fit(label, base, f"{weights} holds weights that do not match: {'; '.join(problems)}")
 
 
 def prepare_for_training(model, quant: QuantizationSection | None, gradient_checkpointing: bool):

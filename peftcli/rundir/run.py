@@ -98,10 +98,8 @@ def load_run(run, recipe, base: str = "as_trained", dtype=None):
     `base`: "as_trained" (quantized as in training: eval, generate), "full_precision" (merge), or
     "dequantized" (merge of a LoftQ adapter into the 4-bit weights it corrects). Runs that trained
     the weights themselves (`full`, `freeze`) load their own `model/`."""
-    from peft import PeftModel
-
     from peftcli.methods import method_of
-    from peftcli.model.load import adapter_mismatch, is_shape_mismatch, load_model, load_tokenizer
+    from peftcli.model.load import attach_adapter, load_model, load_tokenizer
 
     method = method_of(recipe.peft)
     artifact = artifact_dir(run.path, method)
@@ -112,9 +110,4 @@ def load_run(run, recipe, base: str = "as_trained", dtype=None):
     model = load_model(recipe.model, None if base == "full_precision" else recipe.quantization, dtype)
     if base == "dequantized":
         model = model.dequantize(dtype=dtype)
-    try:
-        return PeftModel.from_pretrained(model, str(artifact)), tokenizer
-    except Exception as exc:  # noqa: BLE001 - torch and peft phrase a mismatch in several types
-        if is_shape_mismatch(exc):
-            raise adapter_mismatch(str(artifact), recipe.model.name, exc) from None
-        raise
+    return attach_adapter(model, str(artifact), recipe.model.name), tokenizer
