@@ -17,6 +17,8 @@ import torch
 from helpers import DEMO_TRAIN, base_recipe, write_recipe
 from safetensors.torch import save_file
 
+from peftcli.rundir.guard import write_run_marker
+
 Setup = Callable[[Path, Path, "pytest.MonkeyPatch"], list]
 
 
@@ -102,6 +104,7 @@ def _file_then(tmp: Path) -> Path:
 def _existing_run(tmp: Path) -> Path:
     (tmp / "run" / "checkpoint-4").mkdir(parents=True)
     (tmp / "run" / "recipe.yaml").write_text(f"output: {{dir: {tmp / 'run'}}}\n")  # a run names its own folder
+    write_run_marker(tmp / "run")  # and carries peftcli's marker: only that makes it a run
     return tmp / "run"
 
 
