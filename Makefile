@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make setup     create $(VENV), install torch ($(TORCH)) then peftcli[dev,bench,gguf]"
-	@echo "make demo      pre-train a tiny base (once), teach it a skill with LoRA, compare with full fine-tuning (offline, ~3-4 min on 2 busy CPU cores)"
+	@echo "make demo      pre-train a tiny base (once), teach it a skill with LoRA, compare with full fine-tuning (offline, ~2 min on 2 idle CPU cores)"
 	@echo "make test      the full CPU test suite (offline, < 10 min)"
 	@echo "make test-gpu  tests marked gpu (needs CUDA)"
 	@echo "make gpu-check test-gpu + the llama-1b/llama-8b benches on a GPU machine (scripts/gpu_check.sh)"
