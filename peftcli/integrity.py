@@ -5,12 +5,15 @@ A safetensors file is an 8-byte little-endian header length, a JSON header givin
 byte range, then the data: a file cut short (a full disk, a copy that stopped, a kill mid-write of a
 tool that does not write atomically) has a header whose ranges end past the end of the file.
 Pickles (`.bin`, `.pt`, `.pth`) are never loaded: unpickling can run code, so they are reported
-instead, with the reason.
+instead, with the reason. A write the disk refused (full, over quota, read-only) is told apart from
+a bug by `refused_write`, and `free_space` says how much room is left.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -83,3 +86,35 @@ def pickles(folder: Path, stem: str = "") -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name.startswith(stem))
+
+
+# Why a disk refuses a write. The user fixes these (frees space, raises the quota, picks a writable
+# folder); they are not bugs.
+REFUSED_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# Libraries written in Rust (safetensors, tokenizers) report a full disk in their own words.
+_FULL_DISK_WORDS = ("No space left on device", "StorageFull", "os error 28")
+
+
+def refused_write(exc: BaseException) -> int | None:
+    """The errno of a write the disk refused (one of REFUSED_WRITES), or None for any other failure."""
+    if isinstance(exc, OSError) and exc.errno in REFUSED_WRITES:
+        return exc.errno
+    if isinstance(exc, Exception) and any(words in str(exc) for words in _FULL_DISK_WORDS):
+        return errno.ENOSPC
+    return None
+
+
+def free_space(path: Path) -> str | None:
+    """Space free to this user on the disk that holds `path` (or its nearest existing folder), as
+    "1.2 GiB", "15.0 MiB" or "640 KiB"; None when it cannot be read."""
+    folder = next((p for p in (path, *path.parents) if p.exists()), None)
+    try:
+        free = shutil.disk_usage(folder).free if folder is not None else None
+    except OSError:
+        return None
+    if free is None:
+        return None
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free // 1024} KiB"

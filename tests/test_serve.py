@@ -2,7 +2,8 @@
 key) driven by the official `openai` client and by raw HTTP: its answers are `peftcli generate`'s,
 streamed or not; concurrent clients on different adapters never get another adapter's answer; bad
 requests get OpenAI's error object and the right status, and the server keeps serving; SIGTERM lets
-the request in flight finish and exits 0. `--engine vllm` is checked by the command it builds."""
+the request in flight finish and exits 143 (Ctrl-C: 130), never 0. `--engine vllm` is checked by the
+command it builds."""
 
 from __future__ import annotations
 
@@ -57,32 +58,44 @@ class Server:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-@pytest.fixture(scope="module")
-def server(runs, tiny_model, tmp_path_factory, request):
+def _start(command: list[str], log: Path) -> Server:
+    """A `peftcli serve` subprocess on a free port, its output in `log`."""
+    port = _free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen([*command, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    return Server(process, port, log)
+
+
+def _wait_healthy(live: Server) -> None:
+    """Return once /health answers (the model has loaded)."""
     import httpx
 
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    adapters = [arg for name, run in runs.items() for arg in ("--adapter", f"{name}={run}")]
-    command = [sys.executable, "-m", "peftcli", "serve", "--base", str(tiny_model), *adapters, "--port", str(port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen([*command, "--api-key", KEY], stdout=out, stderr=subprocess.STDOUT)
-    live = Server(process, port, log)
-    request.getfixturevalue("expected")  # computed here while the server starts: the two overlap
     deadline = time.monotonic() + 90
     while True:
-        assert process.poll() is None, f"the server exited {process.returncode}:\n{live.log_tail()}"
+        assert live.process.poll() is None, f"the server exited {live.process.returncode}:\n{live.log_tail()}"
         assert time.monotonic() < deadline, f"no /health within 90 s:\n{live.log_tail()}"
         try:
             if httpx.get(f"{live.url}/health", timeout=1).status_code == 200:
-                break
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
+
+
+SERVE = [sys.executable, "-m", "peftcli", "serve"]
+
+
+@pytest.fixture(scope="module")
+def server(runs, tiny_model, tmp_path_factory, request):
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    adapters = [arg for name, run in runs.items() for arg in ("--adapter", f"{name}={run}")]
+    live = _start([*SERVE, "--base", str(tiny_model), *adapters, "--api-key", KEY], log)
+    request.getfixturevalue("expected")  # computed here while the server starts: the two overlap
+    _wait_healthy(live)
     yield live
-    if process.poll() is None:  # a test failed before the SIGTERM test
-        process.kill()
-        process.wait()
+    if live.process.poll() is None:  # a test failed before the SIGTERM test
+        live.process.kill()
+        live.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -354,8 +367,9 @@ def test_a_port_in_use_is_refused_before_loading_anything(cli, server, runs):
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_request_in_flight_and_exits_0(client, server):
-    """Last in this module: it stops the server."""
+def test_sigterm_finishes_the_request_in_flight_and_exits_143(client, server):
+    """Last in this module: it stops the server. A stopped server is interrupted, not done: exit 0
+    would let `peftcli serve ... && next-step` carry on as if a job had finished."""
     stream = client.chat.completions.create(
         model="base",
         messages=_messages(PROMPTS[0]),
@@ -370,9 +384,26 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(client, server):
     server.process.send_signal(signal.SIGTERM)
     rest = list(chunks)
     assert rest[-1].usage.completion_tokens == 100 and rest[-2].choices[0].finish_reason == "length"
-    assert server.process.wait(timeout=30) == 0, server.log_tail()
+    assert server.process.wait(timeout=30) == 143, server.log_tail()
     assert time.monotonic() - stopped < 20
-    assert "stopped" in server.log_tail()
+    said = [line for line in server.log_tail().splitlines() if line.startswith("interrupted:")]
+    assert len(said) == 1 and "SIGTERM" in said[0] and "nothing was lost" in said[0], server.log_tail()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_an_idle_server_with_exit_130(tiny_model, tmp_path):
+    live = _start([*SERVE, "--base", str(tiny_model)], tmp_path / "server.log")
+    try:
+        _wait_healthy(live)
+        live.process.send_signal(signal.SIGINT)
+        assert live.process.wait(timeout=30) == 130, live.log_tail()
+    finally:
+        if live.process.poll() is None:
+            live.process.kill()
+            live.process.wait()
+    said = [line for line in live.log_tail().splitlines() if line.startswith("interrupted:")]
+    assert len(said) == 1 and "SIGINT" in said[0] and "nothing was lost" in said[0], live.log_tail()
+    assert "Traceback" not in live.log_tail()
 
 
 # --engine vllm: the command it builds, and what it refuses.

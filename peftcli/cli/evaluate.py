@@ -5,6 +5,7 @@ stderr)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -103,7 +104,7 @@ def evaluate(
             data_path=data,
             batch_size=batch_size,
             generate=options,
-            reference=str(reference.resolve()) if reference else None,
+            reference=os.path.abspath(reference) if reference else None,  # resolve() crashes on a symlink loop
             out=folder if out is not None else None,
             overwrite=overwrite,
             benchmarks=benchmarks,

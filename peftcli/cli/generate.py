@@ -92,10 +92,14 @@ def _every_adapter(names: list[str]) -> list[str | None]:
 
 def read_prompts(path: Path, names: list[str]) -> list[tuple[str, str | None]]:
     """(prompt, adapter) pairs: a plain line goes to every adapter, a JSON line may name one."""
+    from peftcli.data.paths import not_a_file
     from peftcli.evaluation.adapters import BASE
 
+    problem = not_a_file(path)  # checked before opening: reading a FIFO blocks, a device never ends
+    if problem is not None:
+        raise UserError(f"--prompts {path} is {problem}", hint="give a text file: a prompt per line")
     if not path.is_file():
-        raise UserError(f"--prompts {path}: no such file")
+        raise UserError(f"--prompts {path}: no such file", hint="check the path (relative to this directory)")
     pairs: list[tuple[str, str | None]] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -2,7 +2,9 @@
 engine of `peftcli generate` (peftcli/serve/), or on vLLM with `--engine vllm`.
 
 It binds to loopback unless told otherwise; `--api-key` (or PEFTCLI_API_KEY) requires
-`Authorization: Bearer KEY` on every /v1 route. SIGTERM or Ctrl-C stops it gracefully (exit 0)."""
+`Authorization: Bearer KEY` on every /v1 route. SIGTERM or Ctrl-C stops it gracefully: the requests
+in flight finish, then it exits 143 / 130 like every interrupted command (never 0: a script must not
+take a stopped server for a finished job)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import importlib.util
 import ipaddress
 import os
 import shlex
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Annotated
 import typer
 
 from peftcli import console
-from peftcli.errors import UserError
+from peftcli.errors import Interrupted, ReportedError, UserError
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -88,8 +91,14 @@ def serve(
         f"serving {', '.join(server.models())} at {url(host, port)}/v1" + (" (API key required)" if api_key else ""),
         markup=False,
     )
-    serve_forever(app, sock, quiet=console.verbosity == console.QUIET)
-    console.err.print("stopped", markup=False)
+    signum = serve_forever(app, sock, quiet=console.verbosity == console.QUIET)
+    if signum is None:  # uvicorn gave up on its own (its log above says why): not a finished job either
+        raise ReportedError("the server stopped without being asked to", hint="its log above says why")
+    raise Interrupted(
+        signum,
+        f"{signal.Signals(signum).name} received; the server stopped after the requests in flight finished; "
+        "nothing was lost (a server writes nothing)",
+    )
 
 
 def _is_loopback(host: str) -> bool:

@@ -62,6 +62,8 @@ def train(
     resolved = load(recipe, set_)
     from peftcli.model.device import is_main_process, passive_cpu_wait, world_size
 
+    train_own_run(resolved, recipe, set_)
+
     early_checks(resolved, overwrite, resume, recipe.resolve())
     passive_cpu_wait()  # before torch loads its OpenMP runtime, which reads it once
 
@@ -93,6 +95,26 @@ def train(
         )
 
 
+def train_own_run(recipe: Recipe, recipe_file: Path, overrides: list[str]) -> None:
+    """A run's own recipe.yaml trains that run, wherever it now lies: the output.dir a copied or
+    moved run's recipe saved (older runs saved an absolute one) would retrain, delete or resume the
+    original. `--set output.dir=...` still says where."""
+    from peftcli.model.device import is_main_process
+    from peftcli.recipe.load import parse_override
+    from peftcli.rundir.guard import own_run_folder
+
+    folder = own_run_folder(recipe_file)
+    if folder is None or any(parse_override(text)[0][:2] in (("output",), ("output", "dir")) for text in overrides):
+        return
+    saved = recipe.run_dir
+    if saved.resolve() != folder and is_main_process():
+        console.note(
+            f"{recipe_file} is the recipe of the run in {folder}: training that run (its output.dir, {saved}, is "
+            "where the run was written before it was copied or moved)"
+        )
+    recipe.output.dir = str(folder)
+
+
 def early_checks(recipe: Recipe, overwrite: bool, resume: str | None, recipe_file: Path) -> None:
     """`validate`'s checks that need no torch, in training's order: the output folder (a resume
     checks its own later), the model folder and environment, then every row of local data. The
@@ -100,13 +122,13 @@ def early_checks(recipe: Recipe, overwrite: bool, resume: str | None, recipe_fil
     from peftcli.cli.validate import data_lines
     from peftcli.model.checks import check_environment
     from peftcli.model.device import is_main_process
-    from peftcli.rundir import RECIPE, check_output_dir, is_run_dir
-    from peftcli.rundir.guard import protected_paths
+    from peftcli.rundir import check_output_dir
+    from peftcli.rundir.guard import own_run_folder, protected_paths
 
     out = recipe.run_dir
     if is_main_process() and not resume:
         # The run's own saved recipe (`peftcli train RUN/recipe.yaml`) lies in the run, of course.
-        own_recipe = recipe_file.resolve() == (out / RECIPE).resolve() and is_run_dir(out)
+        own_recipe = own_run_folder(recipe_file) == out.resolve()
         check_output_dir(out, overwrite, protected_paths(recipe, None if own_recipe else recipe_file))
     check_environment(recipe, deep=False)
     quiet, console.err.quiet = console.err.quiet, True  # the data notes are said once, by training

@@ -19,6 +19,7 @@ from typing import Any
 
 from peftcli import console
 from peftcli.data.jsonrows import loads_row, read_json_records
+from peftcli.data.paths import not_a_file
 from peftcli.errors import PATH_RULE, UserError
 from peftcli.recipe import DataSource
 from peftcli.recipe.files import special_kind
@@ -44,26 +45,110 @@ def read_source(source: DataSource, key: str, text_split: str = "auto") -> list[
     path = source.path
     # A file named `train[v2].jsonl` is that file: only a path that does not exist is a pattern.
     if any(ch in path for ch in "*?[") and not os.path.lexists(path):
-        files = sorted(p for p in glob.glob(path, recursive=True) if p.endswith(SUFFIXES))
+        matched = sorted(Path(p) for p in glob.glob(path, recursive=True) if p.endswith(SUFFIXES))
+        files, skipped = _outside_marked(matched, _fixed_folder(path))
         if not files:
-            raise UserError(f"{key}: the pattern {path} matches no {'/'.join(SUFFIXES)} file")
-        return _read_files([Path(file) for file in files], key, text_split)
+            raise UserError(
+                f"{key}: the pattern {path} matches no {'/'.join(SUFFIXES)} file{_skipped_clause(skipped)}",
+                hint=_SKIPPED_HINT if skipped else None,
+            )
+        _note_skipped(key, skipped)
+        return _read_files(files, key, text_split)
     local = Path(path)
     if not local.is_absolute():  # recipes make local paths absolute: a relative one is a hub id
         return _read_hub(source, key)
     if local.is_dir():
         if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
             return _read_saved_dataset(local, source, key)
-        found = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        if (local / PEFTCLI_MARKER).exists():
+            raise UserError(
+                f"{key}: {local} is a folder peftcli wrote (it holds {PEFTCLI_MARKER}), not a folder of data",
+                hint="name the data file itself (a run's predictions.jsonl, say), or copy it out first",
+            )
+        found, skipped = _folder_files(local, key)
         if not found:
             raise UserError(
-                f"{key}: {local} is a directory with no .jsonl/.json/.csv/.parquet file",
-                hint="point data.train at a file, a glob, or a folder of data files",
+                f"{key}: {local} is a directory with no .jsonl/.json/.csv/.parquet file{_skipped_clause(skipped)}",
+                hint=_SKIPPED_HINT if skipped else "point data.train at a file, a glob, or a folder of data files",
             )
+        _note_skipped(key, skipped)
         return _read_files(found, key, text_split)
     if local.is_file() or special_kind(local):
         return _read_files([local], key, text_split)
+    problem = not_a_file(local)  # a symlink loop or a broken link is not simply "not found"
+    if problem is not None:
+        raise UserError(f"{key}: {path} is {problem}", hint="point it at a data file")
     raise UserError(f"{key}: data file not found: {path}", hint=PATH_RULE)
+
+
+# The marker peftcli writes into every folder it owns (rundir/layout.py MARKER; data sits below
+# rundir): a run, a merge or a study inside a data folder is never data. Its checkpoints' JSON
+# would fail as rows, and eval's predictions.jsonl would be trained on without a word.
+PEFTCLI_MARKER = "peftcli.json"
+_SKIPPED_HINT = "name the data file itself to read a file from such a folder, or copy it out first"
+
+
+def _folder_files(root: Path, key: str) -> tuple[list[Path], list[Path]]:
+    """The data files under `root` (folder links are not followed, as with rglob), and the folders
+    left out because peftcli marked them."""
+
+    def unreadable(exc: OSError) -> None:  # os.walk would skip a folder it cannot list, silently
+        raise UserError(f"{key}: cannot list {exc.filename} ({exc.strerror or exc})") from None
+
+    found: list[Path] = []
+    skipped: list[Path] = []
+    for folder, subfolders, names in os.walk(root, onerror=unreadable):
+        here = Path(folder)
+        marked = {name for name in subfolders if (here / name / PEFTCLI_MARKER).exists()}
+        skipped += sorted(here / name for name in marked)
+        subfolders[:] = [name for name in subfolders if name not in marked]
+        found += [here / name for name in names if Path(name).suffix in SUFFIXES and (here / name).is_file()]
+    return sorted(found), skipped
+
+
+def _fixed_folder(pattern: str) -> Path:
+    """The folder a glob starts from: its parts before the first one holding a wildcard."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+    return Path(*parts[:fixed])
+
+
+def _outside_marked(files: list[Path], root: Path) -> tuple[list[Path], list[Path]]:
+    """`files` less those inside a folder below `root` that peftcli marked, and those folders."""
+    marked: dict[Path, bool] = {}
+    kept: list[Path] = []
+    for file in files:
+        try:
+            between = file.parent.relative_to(root).parts
+        except ValueError:  # a relative pattern: nothing to go by
+            between = ()
+        folders = [root.joinpath(*between[: i + 1]) for i in range(len(between))]
+        inside = [f for f in folders if marked.setdefault(f, (f / PEFTCLI_MARKER).exists())]
+        if not inside:
+            kept.append(file)
+    skipped = sorted(f for f, is_marked in marked.items() if is_marked)
+    # A marked folder inside another is not named again: the outer one already says it.
+    return kept, [f for f in skipped if not any(other in f.parents for other in skipped)]
+
+
+def _listed(folders: list[Path]) -> str:
+    return ", ".join(str(f) for f in folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
+
+
+def _skipped_clause(skipped: list[Path]) -> str:
+    """What an error about finding no data file adds when marked folders were left out."""
+    if not skipped:
+        return ""
+    return f" outside the folder{'s' if len(skipped) > 1 else ''} peftcli wrote there ({_listed(skipped)})"
+
+
+def _note_skipped(key: str, skipped: list[Path]) -> None:
+    if skipped:
+        what = f"{len(skipped)} folder{'s' if len(skipped) > 1 else ''}"
+        console.note(
+            f"{key}: skipped {what} that peftcli wrote (marked by {PEFTCLI_MARKER}: a run, a merge or a study), "
+            f"whose files are not data: {_listed(skipped)}"
+        )
 
 
 # More .txt files than this in one source: how they were split is said in one line, not one per file.

@@ -15,6 +15,7 @@ same loaded model with the adapter switched off.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import Any
 
 from peftcli import console
 from peftcli.data import IGNORE, Encoded, prepare_data
-from peftcli.errors import UserError
+from peftcli.data.paths import not_a_file
+from peftcli.errors import PATH_RULE, UserError
 from peftcli.evaluation import scoring
 from peftcli.evaluation.benchmarks import BenchmarkOptions, LoadedTasks, load_tasks, run_benchmarks
 from peftcli.methods import method_of
@@ -130,11 +132,21 @@ class EvalModels:
         return result
 
 
-def forgetting(models: EvalModels, recipe, reference: str, batch_size: int) -> Forgetting:
+def check_reference(reference: str, key: str) -> None:
+    """The reference text can be read, checked before any model loads. `key` names where it came
+    from in errors: `--reference` on the command line, or the recipe's `eval.reference`."""
+    path = Path(reference)
+    problem = None if path.is_dir() else not_a_file(path)  # a folder of text files is read as data
+    if problem is not None:
+        raise UserError(f"{key}: {reference} is {problem}", hint="give a text or data file of general text")
+    if not path.exists():
+        raise UserError(f"{key}: {reference} not found", hint=PATH_RULE)
+
+
+def forgetting(models: EvalModels, recipe, reference: str, batch_size: int, key: str = "eval.reference") -> Forgetting:
     """Perplexity of base and tuned on general text; the rise in % is the forgetting figure."""
     path = Path(reference)
-    if not path.exists():
-        raise UserError(f"eval.reference: {reference} not found")
+    check_reference(reference, key)
     section = recipe.data.model_copy(
         update={
             "train_on": "all",
@@ -145,7 +157,7 @@ def forgetting(models: EvalModels, recipe, reference: str, batch_size: int) -> F
             "format": "auto",
         }
     )
-    items = prepare_data(section, models.tokenizer, 0, eval_only=[DataSource(path=str(path))]).eval
+    items = prepare_data(section, models.tokenizer, 0, eval_only=[DataSource(path=str(path))], eval_key=key).eval
     scores = models.score_both(items, batch_size, "reference")
     base, tuned = scores["base"].perplexity, scores["tuned"].perplexity
     percent = round(100 * (tuned / base - 1), 3)
@@ -205,15 +217,15 @@ def _eval_data(recipe, tokenizer, eval_only, data_path: Path | None):
     section, seed = recipe.data, recipe.training.seed
     if data_path is None:
         return prepare_data(section, tokenizer, seed, eval_only=eval_only)
-    path = str(Path(data_path).resolve())
+    path = os.path.abspath(data_path)  # not resolve(): a symlink loop is an error that names it, not a crash
     try:
         detected = [DataSource(path=path, format="auto", columns={})]
-        return prepare_data(section, tokenizer, seed, eval_only=detected)
+        return prepare_data(section, tokenizer, seed, eval_only=detected, eval_key="--data")
     except UserError as detection_error:
         trained = section.train[0]
         like_training = [DataSource(path=path, format=trained.format, columns=trained.columns)]
         try:
-            return prepare_data(section, tokenizer, seed, eval_only=like_training)
+            return prepare_data(section, tokenizer, seed, eval_only=like_training, eval_key="--data")
         except UserError:
             raise detection_error from None
 
@@ -245,10 +257,15 @@ def run_eval(
         raise UserError(
             f"{run_path}: the run has no eval data (no data.eval or data.eval_split)", hint="pass --data FILE"
         )
+    reference_key = "--reference" if reference else "eval.reference"
     reference = reference or recipe.eval.reference
+    if reference:
+        check_reference(reference, reference_key)  # before any model loads
     tasks = load_tasks(benchmarks) if benchmarks is not None else None  # before any model loads
     with RunLock(run.path):  # no train --overwrite / --resume in this run while it is read and written to
-        result = _evaluate(run, recipe, eval_only, data_path, batch_size, generate, reference, benchmarks, tasks)
+        result = _evaluate(
+            run, recipe, eval_only, data_path, batch_size, generate, (reference, reference_key), benchmarks, tasks
+        )
         if out is None:
             write_eval(run.path, result)
             add_eval(run, result)
@@ -264,14 +281,15 @@ def _evaluate(
     data_path,
     batch_size: int,
     generate,
-    reference,
+    reference: tuple[str | None, str],  # the path, and the key that named it
     benchmarks: BenchmarkOptions | None = None,
     tasks: LoadedTasks | None = None,
 ) -> EvalResult:
     models = EvalModels(run, recipe)
     data = _eval_data(recipe, models.tokenizer, eval_only, data_path)
     scores = models.score_both(data.eval, batch_size, "eval data")
-    lost = forgetting(models, recipe, reference, batch_size) if reference else None
+    path, key = reference
+    lost = forgetting(models, recipe, path, batch_size, key) if path else None
     generation = None
     predictions: list[dict] = []
     if generate is not None:

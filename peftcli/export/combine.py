@@ -30,7 +30,7 @@ from peftcli.export.merge import (
 )
 from peftcli.methods import REGISTRY, method_of
 from peftcli.model.checks import check_model_source
-from peftcli.model.load import load_model, load_tokenizer, quiet_libraries
+from peftcli.model.load import attach_adapter, load_model, load_tokenizer, quiet_libraries
 from peftcli.rundir import atomic_dir, open_run
 from peftcli.rundir.lock import RunLock
 
@@ -80,13 +80,23 @@ def _check_runs(runs, recipes, combination: str, weights: list[float], density: 
     if combination not in NEEDS_DENSITY and density is not None:
         raise UserError(f"--density applies to {', '.join(NEEDS_DENSITY)} only")
     if kind == "low_rank" and combination in NEEDS_EQUAL_RANK:
-        ranks = {json.loads((run.adapter / "adapter_config.json").read_text())["r"] for run in runs}
+        ranks = {_rank(run.adapter / "adapter_config.json") for run in runs}
         if len(ranks) > 1:
             raise UserError(
                 f"--combination {combination} needs adapters of equal rank (got r = {sorted(ranks)})",
                 hint="use --combination cat or svd for different ranks",
             )
     return kind
+
+
+def _rank(config_file: Path) -> int:
+    try:
+        return int(json.loads(config_file.read_text(encoding="utf-8"))["r"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"{config_file}: cannot read the adapter's rank r ({exc.__class__.__name__}: {exc})",
+            hint="the file was edited or damaged; copy the run's adapter/ folder again, or retrain",
+        ) from None
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
@@ -127,7 +137,6 @@ def _combine(
 ) -> float:
     recipe = recipes[0]
     import torch
-    from peft import PeftModel
 
     quiet_libraries()
     torch_dtype = output_dtype(recipe, dtype)
@@ -140,10 +149,12 @@ def _combine(
         console.warn(f"the runs used different chat templates; the result keeps {runs[0].path.name}'s")
     names = [f"run{i}" for i in range(len(runs))]
     with console.err.status(f"loading the base model and {len(runs)} adapters"):
-        base = load_model(recipe.model, quant=None, dtype=torch_dtype)
-        model = PeftModel.from_pretrained(base, str(runs[0].adapter), adapter_name=names[0])
-        for name, run in zip(names[1:], runs[1:]):
-            model.load_adapter(str(run.adapter), adapter_name=name)
+        model = load_model(recipe.model, quant=None, dtype=torch_dtype)
+        # Through the one checked loader: PEFT alone loads an adapter of another base (or a file
+        # missing its weights) in silence, and the combination would then leave that run out.
+        for name, run in zip(names, runs):
+            label = f"{run.path.name} ({run.adapter})"
+            model = attach_adapter(model, str(run.adapter), recipe.model.name, adapter_name=name, label=label)
     torch.manual_seed(0)  # DARE drops weights at random: make the result reproducible
     # Only low-rank adapters take a combination type (scaling vectors are a weighted sum).
     kwargs = {"combination_type": combination, "density": density} if kind == "low_rank" else {}
@@ -190,6 +201,8 @@ def _save_adapter(model, tokenizer, probe, expected, out: Path, recipe, dtype_na
         shutil.rmtree(tmp / "staging")
         tokenizer.save_pretrained(tmp)
         fresh = load_model(recipe.model, quant=None, dtype=model.dtype)
+        # Plain PEFT on purpose: the promise is that PEFT alone loads it; the logits below catch a
+        # file that loaded short (attach_adapter would call our own output the user's mistake).
         reloaded = PeftModel.from_pretrained(fresh, str(tmp)).eval()
         max_diff, tolerance = compare(logits(reloaded, probe), expected, probe, dtype_name)
         if not max_diff <= tolerance:

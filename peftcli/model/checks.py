@@ -93,6 +93,34 @@ def check_model_source(model: ModelSection) -> None:
             f"model: no tokenizer files in {tokenizer_dir}",
             hint="save the tokenizer beside the model, or point model.tokenizer at one",
         )
+    check_template_text(tokenizer_dir, "model.tokenizer" if model.tokenizer else "model.name")
+
+
+# The text files a tokenizer reads its chat template from (transformers' CHAT_TEMPLATE_FILE,
+# CHAT_TEMPLATE_DIR and the config that held templates before them): files people edit by hand.
+TEMPLATE_FILES = ("chat_template.jinja", "tokenizer_config.json")
+TEMPLATE_DIR = "additional_chat_templates"
+
+
+def check_template_text(folder: Path, key: str) -> None:
+    """Each chat template file of a local tokenizer is UTF-8, as transformers reads it: otherwise
+    its 'utf-8 codec' error names neither the file nor the byte (and `validate` could not tell)."""
+    templates = sorted((folder / TEMPLATE_DIR).glob("*.jinja")) if (folder / TEMPLATE_DIR).is_dir() else []
+    for file in [folder / name for name in TEMPLATE_FILES] + templates:
+        if not file.is_file():
+            continue
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise UserError(f"{key}: cannot read {file} ({exc.strerror or exc})") from None
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise UserError(
+                f"{key}: {file} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line})",
+                hint="re-save it as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8), as transformers reads it",
+            ) from None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """What peftcli may create, replace or delete, and when: a run folder is recognised by the marker
 peftcli writes into it, only peftcli's own files in it are ever deleted, and it is never the folder
-of the recipe, the data or the model."""
+of the recipe, the data or the model, nor inside a folder read as data. A marked run's own
+recipe.yaml names that run, wherever it was copied or moved."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -63,20 +65,68 @@ def is_run_dir(path: Path) -> bool:
     return marker is not None and marker.get("kind") == RUN_KIND
 
 
+def own_run_folder(recipe_file: Path) -> Path | None:
+    """The run whose own saved recipe `recipe_file` is (<folder>/recipe.yaml in a marked run), else None.
+    Training that file trains that folder, wherever it now lies: a copied or moved run's recipe must
+    not act on the folder it was first written in."""
+    file = recipe_file.resolve()
+    return file.parent if file.name == RECIPE and is_run_dir(file.parent) else None
+
+
 def _listed(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+# Sources read as whole folders: a run inside one would be read back as data (its checkpoints'
+# JSON, eval's predictions.jsonl). The model folder is read file by file and may hold a run.
+DATA_KEYS = ("data.train", "data.eval")
+
+
+def _glob_split(path: Path) -> tuple[Path, tuple[str, ...]]:
+    """A glob's fixed folder and its pattern parts after it; a path that is not a glob is all folder.
+    A part that exists is a name, not a pattern (`train[v2].jsonl`), as the data reader takes it."""
+    parts = path.parts
+    for i, part in enumerate(parts):
+        if re.search(r"[*?[]", part) and not Path(*parts[: i + 1]).exists():
+            return Path(*parts[:i]), parts[i:]
+    return path, ()
+
+
+def _reaches_into(pattern: tuple[str, ...], below: tuple[str, ...]) -> bool:
+    """Whether a glob's parts (after its fixed folder) could match a file inside the folder at
+    `below` (that folder's parts after the fixed folder): `**` reaches anything under it."""
+    for depth, name in enumerate(below):
+        if depth >= len(pattern):
+            return False
+        if pattern[depth] == "**":
+            return True
+        if not fnmatch.fnmatchcase(name, pattern[depth]):
+            return False
+    return len(pattern) > len(below)
+
+
 def check_not_holding(out: Path, protected: list[tuple[str, Path]]) -> None:
     """output.dir may not be, or contain, the recipe's folder, the data or the model: a run
-    directory is a folder of its own, which --overwrite and --resume manage entirely."""
+    directory is a folder of its own, which --overwrite and --resume manage entirely. Nor may it lie
+    inside a data folder, or where a data glob reaches: the run's files would be read as data."""
     out = out.resolve()
-    for what, path in protected:
+    for what, given in protected:
+        path, pattern = _glob_split(given)
         path = path.resolve()
         if out == path or out in path.parents:
             raise UserError(
-                f"output.dir: {out} holds {what} ({path}); a run directory must be a folder of its own",
+                f"output.dir: {out} holds {what} ({given}); a run directory must be a folder of its own",
                 hint="point output.dir at a new folder, e.g. runs/<name> beside the recipe",
+            )
+        if what not in DATA_KEYS or path not in out.parents:
+            continue
+        below = out.relative_to(path).parts
+        if (not pattern and path.is_dir()) or (pattern and _reaches_into(pattern, below)):
+            where = f"where the pattern of {what} reaches" if pattern else f"inside the data folder of {what}"
+            raise UserError(
+                f"output.dir: {out} lies {where} ({given}): the run's checkpoints and predictions would be "
+                "read as data",
+                hint="point output.dir at a folder outside the data, e.g. runs/<name> beside the recipe",
             )
 
 
@@ -88,10 +138,7 @@ def check_output_dir(path: Path, overwrite: bool, protected: Sequence[tuple[str,
     if has_content(path):
         if not is_run_dir(path):
             # Never offer to delete a folder peftcli did not write (a typo could point at ~ or the data).
-            raise UserError(
-                f"output.dir: {path} is not empty and is not a peftcli run (no {MARKER})",
-                hint="choose a new or empty output.dir",
-            )
+            raise _not_a_run(path)
         foreign = foreign_entries(path, run_owns)
         if overwrite and foreign:
             raise UserError(
@@ -117,6 +164,33 @@ def check_output_dir(path: Path, overwrite: bool, protected: Sequence[tuple[str,
             pass
     except OSError as exc:
         raise UserError(f"output.dir: cannot write in {existing} ({exc.strerror})") from None
+
+
+# Folders other peftcli commands mark (their peftcli.json `kind`): what each is, said when
+# output.dir names one, since "no peftcli.json" would be false there.
+_OTHER_KINDS = {
+    "merged-model": "a merged model written by `peftcli merge`",
+    "combined-adapter": "a combined adapter written by `peftcli merge --as-adapter`",
+    "eval": "an eval written by `peftcli eval --out`",
+    "compare": "a comparison written by `peftcli compare`",
+    "tune": "a study written by `peftcli tune`",
+}
+
+
+def _not_a_run(path: Path) -> UserError:
+    kind = (read_marker(path) or {}).get("kind")
+    if not isinstance(kind, str):
+        why = f"its {MARKER} is unreadable or names no kind" if (path / MARKER).exists() else f"no {MARKER}"
+        return UserError(
+            f"output.dir: {path} is not empty and is not a peftcli run ({why})",
+            hint="choose a new or empty output.dir",
+        )
+    what = _OTHER_KINDS.get(kind, f"a folder of kind {kind!r}")
+    onto = f"; to train on top of this merged model, set model.name: {path}" if kind == "merged-model" else ""
+    return UserError(
+        f"output.dir: {path} is {what} (its {MARKER} says so), not a training run",
+        hint=f"point output.dir at a new or empty folder{onto}",
+    )
 
 
 def check_replaceable(
@@ -224,13 +298,9 @@ def claim_run_dir(path: Path, fresh: bool) -> Iterator[None]:
 
 
 def _local(value: str | None) -> Path | None:
-    """A recipe path that is local (recipes make local paths absolute), without any glob part."""
+    """A recipe path that is local (recipes make local paths absolute); a glob stays a pattern."""
     if not value or not is_local(value):
         return None
-    parts = Path(value).parts
-    for i, part in enumerate(parts):
-        if re.search(r"[*?[]", part) and not Path(*parts[: i + 1]).exists():
-            return Path(*parts[:i])  # a glob: its fixed folder is what it reads
     return Path(value)
 
 

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from peftcli.errors import UserError
 from peftcli.evaluation.adapters import BASE
+from peftcli.interruption import HANDLED
 from peftcli.serve.engine import Engine, Reply, Stream
 from peftcli.serve.protocol import (
     ApiError,
@@ -234,20 +235,24 @@ def url(host: str, port: int) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def serve_forever(app: FastAPI, sock: socket.socket, quiet: bool) -> None:
+def serve_forever(app: FastAPI, sock: socket.socket, quiet: bool) -> int | None:
     """Serve until SIGTERM or Ctrl-C, then stop accepting, let the requests in flight finish (up to
-    GRACE_SECONDS), and return: a server told to stop has done its job (exit 0)."""
+    GRACE_SECONDS), and return the signal that stopped it (None: uvicorn stopped on its own). The
+    caller exits 128 + that signal: a stopped server was interrupted, it did not finish a job."""
     import uvicorn
 
     config = uvicorn.Config(
         app, log_level="warning" if quiet else "info", lifespan="off", timeout_graceful_shutdown=GRACE_SECONDS
     )
     server = uvicorn.Server(config)
-    # uvicorn handles SIGINT/SIGTERM itself while it runs, then re-raises the signal into the handler it
-    # found: a handler that ignores it lets the graceful stop end as a success, not as an interruption.
-    previous = {signum: signal.signal(signum, lambda *_: None) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # uvicorn handles SIGINT/SIGTERM itself while it runs (the graceful drain), then re-raises each
+    # signal it caught, newest first, into the handler it found: this one records them instead of
+    # raising Interruption in the middle of uvicorn's shutdown.
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum)) for signum in HANDLED}
     try:
         server.run(sockets=[sock])
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    return received[-1] if received else None  # re-raised newest first: the last is the one that stopped it

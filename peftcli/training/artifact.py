@@ -14,6 +14,7 @@ from peftcli.recipe import Recipe
 from peftcli.rundir import BEST_ADAPTER as BEST
 from peftcli.rundir import BEST_INFO, TMP_PREFIX, artifact_dir, atomic_dir, replace_dir
 from peftcli.rundir.report import write_card
+from peftcli.training.checkpoints import refused_by_disk
 from peftcli.training.setup import Setup
 
 
@@ -115,5 +116,5 @@ def save_final(recipe: Recipe, setup: Setup, trainer, final: Path, main: bool) -
             write_card(staging, recipe)
             replace_dir(staging, final)
     elif main:
-        with atomic_dir(final) as tmp:
+        with refused_by_disk(final), atomic_dir(final) as tmp:  # a full disk: one line naming the folder
             save_artifact(recipe, setup, trainer.model, tmp)

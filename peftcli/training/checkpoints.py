@@ -10,7 +10,9 @@ whether or not it is complete (a missing `optimizer.pt` silently restarts the LR
 - optimizer and RNG state are stored as safetensors + JSON, scheduler state as JSON, the training
   arguments as JSON: no file in a checkpoint is a pickle, and resuming calls no `torch.load`;
 - `--resume` picks the newest *complete and whole* checkpoint and says which ones it skipped, and
-  why (a missing file, or one cut short).
+  why (a missing file, or one cut short);
+- a save the disk refuses (full, over quota, read-only) removes what it wrote of the checkpoint, so
+  the disk is not left full, and is one error naming the folder, the space left and what is saved.
 
 With several processes the staging folder is cleared, written and renamed between barriers, and
 each process keeps its own RNG state. Under FSDP and DeepSpeed, whose optimizer state is sharded,
@@ -20,16 +22,20 @@ loads, so such checkpoints cannot be resumed (docs/performance.md: "More than on
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftcli.integrity import PICKLE_WHY, damaged_files, pickles
+from peftcli.errors import UserError
+from peftcli.integrity import PICKLE_WHY, damaged_files, free_space, pickles, refused_write
+from peftcli.recipe.files import human_size
 from peftcli.rundir import TMP_PREFIX
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -170,6 +176,41 @@ def remove_staging(run_dir: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextmanager
+def refused_by_disk(target: Path, staging: Path | None = None) -> Iterator[None]:
+    """Saving `target` (a checkpoint, the adapter) in the run directory: if it fails, what was
+    written of it (`staging`) goes, so a full disk is not left full; if the disk refused the write,
+    the failure is one UserError naming `target`, the free space and what the run has saved. (An
+    interrupted save keeps its staging folder: the next `--resume` says it was ignored, and removes it.)"""
+    try:
+        yield
+    except Exception as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        code = refused_write(exc)
+        if code is None:
+            raise
+        free = free_space(target.parent) if code == errno.ENOSPC else None  # a quota is not in statvfs
+        room = f" ({free} free there)" if free is not None else ""
+        error = UserError(f"cannot write {target}: {os.strerror(code).lower()}{room}", hint=_saved_hint(target, code))
+        error.per_rank = True  # every process writes its own RNG state: one may fail alone
+        raise error from None
+
+
+def _saved_hint(target: Path, code: int) -> str:
+    if code == errno.EROFS:
+        return "output.dir is on a read-only file system: point it at a writable folder"
+    saved, _ = newest_complete(target.parent)
+    what = "free some space" if code == errno.ENOSPC else "free some space or raise the disk quota"
+    if saved is None:
+        return f"{what} (or point output.dir at another disk), then run the same command again: nothing was saved yet"
+    size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
+    return (
+        f"{what} (each checkpoint takes {human_size(size)}; training.save_total_limit keeps fewer), then "
+        f"continue with --resume: {saved.name} is complete; the unfinished save was removed"
+    )
+
+
 if TYPE_CHECKING:  # a mixin for transformers' Trainer (trainer.py puts it first in the MRO)
     from transformers import Trainer as _Trainer
 else:
@@ -203,17 +244,19 @@ class SafeCheckpoints(_Trainer):
             shutil.rmtree(staging, ignore_errors=True)
         self._barrier()
         self._staging_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)  # every process writes its part into staging/checkpoint-N
-        finally:
-            self._staging_dir = None
-        self._barrier()  # ... and has finished writing it
+        with refused_by_disk(Path(run_dir) / name, Path(staging)):
+            try:
+                super()._save_checkpoint(model, trial)  # every process writes its part into staging/checkpoint-N
+            finally:
+                self._staging_dir = None
+            self._barrier()  # ... and has finished writing it
+            if self.args.should_save:
+                written, final = os.path.join(staging, name), os.path.join(run_dir, name)
+                _fsync_tree(written)  # a network file system may say the disk is full only now
+                if os.path.exists(final):  # the same step saved twice (a stop request on a save step)
+                    shutil.rmtree(final)
+                os.rename(written, final)
         if self.args.should_save:
-            written, final = os.path.join(staging, name), os.path.join(run_dir, name)
-            _fsync_tree(written)
-            if os.path.exists(final):  # the same step saved twice (a stop request on a save step)
-                shutil.rmtree(final)
-            os.rename(written, final)
             shutil.rmtree(staging, ignore_errors=True)
             _fsync(run_dir)
             rotate_checkpoints(

@@ -29,11 +29,10 @@ from peftcli.rundir import (
     atomic_write_text,
     check_output_dir,
     claim_run_dir,
-    is_run_dir,
     start_run_dir,
     write_run_marker,
 )
-from peftcli.rundir.guard import protected_paths
+from peftcli.rundir.guard import own_run_folder, protected_paths
 from peftcli.rundir.report import write_run
 from peftcli.rundir.result import RunResult
 from peftcli.training.artifact import keep_artifact, save_artifact
@@ -88,7 +87,7 @@ def run_training(
     out, main = recipe.run_dir, is_main_process()
     # Phase 1, plan: read-only checks; a mistake is reported before anything is created or loaded.
     # The run's own saved recipe (`peftcli train RUN/recipe.yaml --resume`) lies in the run, of course.
-    own_recipe = recipe_file is not None and recipe_file.resolve() == (out / RECIPE).resolve() and is_run_dir(out)
+    own_recipe = recipe_file is not None and own_run_folder(recipe_file) == out.resolve()
     protected = protected_paths(recipe, None if own_recipe else recipe_file)
     if resume:
         plan_resume(recipe, out, resume, force, quiet=True)
@@ -142,8 +141,11 @@ def _open_run_files(recipe: Recipe, out: Path, checkpoint: Path | None, overwrit
     else:
         write_run_marker(out)
     remove_staging(out)
-    # After a resume too: the saved recipe must say what ran (cadence keys may have changed).
-    atomic_write_text(out / RECIPE, recipe_to_yaml(recipe))
+    # After a resume too: the saved recipe must say what ran (cadence keys may have changed). Its
+    # output.dir is `.`, the folder it lies in: a copied or moved run still names itself, and the
+    # file copied out alone names no run (training it there is refused, never aimed at this run).
+    saved = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": "."})})
+    atomic_write_text(out / RECIPE, recipe_to_yaml(saved))
 
 
 class Outcome(Enum):
