@@ -451,9 +451,9 @@ def test_llamafactory_dataset_info_flag_pretraining_text_and_hub_entries(tmp_pat
     assert (wiki.path, wiki.format, recipe.data.text_split) == (str(moved.parent / "wiki.txt"), "text", "line")
     assert (hub.path, hub.split, hub.subset) == ("org/data", "validation", "en")
     assert recipe.peft.method == "full" and recipe.data.max_length == 512  # cutoff_len 2048 > the context
-    # LLaMA-Factory cuts the joined documents into blocks; peftcli truncates each: said, with what to set.
-    said = next(line for line in _not_carried(result.err) if line.startswith("warning: not carried: stage: pt"))
-    assert "cutoff_len-token blocks" in said and "data.max_length" in said
+    # LLaMA-Factory cuts the documents into cutoff_len-token blocks, every token trained: so does split.
+    assert recipe.data.overlong == "split" and "note: changed: stage: pt -> data.overlong: split" in result.err
+    assert not any(line.startswith("warning: not carried: stage") for line in _not_carried(result.err))
     assert recipe.training.epochs == 3.0 and recipe.training.learning_rate == 5e-5  # the Trainer's defaults
 
 

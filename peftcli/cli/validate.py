@@ -115,15 +115,16 @@ def data_summary(recipe: Recipe) -> list[dict]:
 
 def check_data(recipe: Recipe) -> tuple[list[dict], dict | None]:
     """The sources read, then every conversation rendered and masked through the chat template as
-    training will (see data/template_check.py). A row that fails is an error naming it, as in
-    training; with data.bad_rows: skip it is counted in its source's `skipped`. Returns the sources
-    and what the template check found (None: nothing to check)."""
+    training will (see data/template_check.py), in the thinking mode training picks from the rows of
+    data.train (with its warning when only some carry reasoning). A row that fails is an error naming
+    it, as in training; with data.bad_rows: skip it is counted in its source's `skipped`. Returns the
+    sources and what the template check found (None: nothing to check)."""
     read = _read_sources(recipe)
     data = recipe.data
     if data.chat_template == "auto" and not any(e.is_chat for _, examples in read for e in examples):
         return [entry for entry, _ in read], None
     from peftcli.data.template_check import failing_conversations, offline_tokenizer
-    from peftcli.data.templates import resolve_template
+    from peftcli.data.templates import resolve_template, thinking_from_data
 
     template: dict = {"setting": data.chat_template}
     tokenizer, why_not = offline_tokenizer(recipe.model)
@@ -131,7 +132,12 @@ def check_data(recipe: Recipe) -> tuple[list[dict], dict | None]:
         template.update(checked=False, why_not=why_not)
         return [entry for entry, _ in read], template
     with _said(template):
-        template["name"] = resolve_template(data.chat_template, tokenizer).name
+        chosen = resolve_template(data.chat_template, tokenizer)
+        template["name"] = chosen.name
+        # Training picks the thinking mode from its rows (warning when only some carry reasoning) and
+        # installs it before any row renders; so does this, so each row renders as it will in training.
+        trained = [e for entry, examples in read if entry["key"].split("[")[0] == "data.train" for e in examples]
+        thinking_from_data(tokenizer, chosen, trained)
         template["rows"] = 0
         left = {"data.train": 0, "data.eval": 0}  # rows each split keeps; a hub source keeps some
         for entry, examples in read:
@@ -270,9 +276,8 @@ def fit(recipe: Recipe, config: dict) -> Fit:
         )
     except (KeyError, TypeError, ZeroDivisionError):
         return Fit(gpus, settings, None)
-    # As PEFT and the run report count it: a share of all parameters, the adapter's included.
-    everything = guess.total_params + (0 if method_of(recipe.peft).saves_full_model else guess.trainable_params)
-    return Fit(gpus, settings, guess, 100 * guess.trainable_params / max(everything, 1))
+    share = method_of(recipe.peft).trainable_percent(guess.trainable_params, guess.total_params)
+    return Fit(gpus, settings, guess, share)
 
 
 def fit_lines(found: Fit, config: dict) -> list[str]:

@@ -74,6 +74,8 @@ REASONS = {
     "gradient_checkpointing_kwargs": "peftcli always uses non-reentrant checkpointing",
     "shuffle_merged_datasets": "peftcli always shuffles the training data (training.seed)",
     "dataset_processes": "peftcli prepares data in one process",
+    "pretraining_dataset": "peftcli does not stream a pre-training dataset; list its files under datasets with "
+    "type: completion (format: text, cut into sequence_len blocks with data.overlong: split)",
 }
 DEFAULT_REASON = "peftcli has no equivalent"
 
@@ -88,10 +90,41 @@ def convert(config_path: Path, out: Path | None) -> Ledger:
     _model(ledger)
     _method(ledger)
     axolotl_data.carry_data(ledger)
+    _completion_chunks(ledger)
     _training(ledger)
     finish(ledger, "sequence_len")
     ledger.leftovers(REASONS, DEFAULT_REASON, {**COMMON_SAME, "strict": False})
     return ledger
+
+
+def _completion_chunks(ledger: Ledger) -> None:
+    """Axolotl cuts a completion (pre-training text) dataset's texts into sequence_len-token chunks,
+    every token trained: data.overlong: split, which applies to every source and cuts plain text only."""
+    chunked = [
+        f"{key}[{index}]"
+        for key in ("datasets", "test_datasets")
+        for index, entry in enumerate(ledger.config.get(key) or [])
+        if isinstance(entry, dict) and entry.get("type") == "completion"
+    ]
+    if not chunked:
+        return
+    sources = [*(ledger.get("data.train") or []), *(ledger.get("data.eval") or [])]
+    others = [s["path"] for s in sources if s.get("format") != "text"]
+    if others:
+        ledger.drop(
+            f"{chunked[0]}.type",
+            "completion",
+            f"Axolotl cuts completion text into sequence_len chunks; data.overlong: split would too, but it cuts "
+            f"plain text only and {others[0]} is not: a text over data.max_length is truncated (train the text in "
+            "a recipe of its own to keep every token)",
+        )
+        return
+    ledger.put("data.overlong", "split")
+    ledger.change(
+        "type: completion -> data.overlong: split (a text longer than sequence_len is cut into sequence_len-token "
+        "blocks, every token trained, as Axolotl chunks it)",
+        chunked[0].split("[")[0],
+    )
 
 
 def _model(ledger: Ledger) -> None:

@@ -31,13 +31,11 @@ from peftcli.methods import DEFAULT_METHOD, REGISTRY
 
 TOOL = "LLaMA-Factory"
 STAGES = ("sft", "pt")  # supervised fine-tuning and plain-text training; rm/ppo/dpo/kto are not SFT
-# What a pt run does that peftcli does not: peftcli has no way to split a document across examples.
+# A pt run cuts the documents into cutoff_len-token blocks, every token trained: data.overlong: split.
 PT_BLOCKS = (
-    "LLaMA-Factory joins the documents and cuts the stream into cutoff_len-token blocks, so every token "
-    "is trained; peftcli trains each document as one example and truncates one longer than "
-    "data.max_length (data.overlong: truncate), so the rest of it is not trained. See how many with "
-    "`peftcli data preview`; raise data.max_length to the longest document, or split long documents "
-    "into pieces before training (data.packing: true packs the short ones into full rows)"
+    "stage: pt -> data.overlong: split (every document longer than cutoff_len is cut into cutoff_len-token "
+    "blocks, every token trained; LLaMA-Factory also joins documents across block boundaries and drops the "
+    "last partial block of the stream, peftcli keeps each document's blocks apart and keeps its last one)"
 )
 # LLaMA-Factory's own defaults (and the Trainer's) where they differ from peftcli's; written when
 # the config leaves the key out, so the recipe trains what LLaMA-Factory would have.
@@ -138,10 +136,11 @@ def convert(config_path: Path, out: Path | None, info: Path | None = None) -> Le
     if stage == "pt":
         ledger.take("stage")
         ledger.change("stage: pt -> every dataset as format: text (all of its tokens trained)")
-        ledger.drop("stage", stage, PT_BLOCKS)
     _model(ledger)
     _method(ledger)
     _data(ledger, stage, info)
+    if stage == "pt":
+        _pretraining_blocks(ledger)
     _training(ledger)
     finish(ledger, "cutoff_len")
     ledger.leftovers(REASONS, DEFAULT_REASON, SAME)
@@ -269,6 +268,20 @@ def _data(ledger: Ledger, stage: str, override: Path | None) -> None:
         else:
             ledger.drop("mask_history", True, "train_on_prompt trains everything")
     chat_template(ledger, "template", ledger.take("template"))
+
+
+def _pretraining_blocks(ledger: Ledger) -> None:
+    """stage: pt cuts the documents into blocks (its packing, on unless the config turns it off);
+    with packing: false it truncates each document to cutoff_len, as data.overlong: truncate does."""
+    if ledger.config.get("packing") is False:
+        ledger.change("stage: pt with packing: false -> data.overlong: truncate (each document cut at cutoff_len)")
+        return
+    sources = [*(ledger.get("data.train") or []), *(ledger.get("data.eval") or [])]
+    chats = [s["path"] for s in sources if s.get("format") != "text"]
+    if chats:  # split refuses conversations; LLaMA-Factory would train their first message as text
+        ledger.drop("stage", "pt", f"data.overlong: split cuts plain text only, and {chats[0]} is a conversation")
+    elif ledger.carry("stage", "data.overlong", "split"):
+        ledger.change(PT_BLOCKS)
 
 
 def _text_split(ledger: Ledger) -> None:

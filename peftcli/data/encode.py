@@ -15,6 +15,16 @@ What is trained, per `data.train_on` (spans.py finds the replies and their stop 
 A text far longer than `max_length` tokens is not tokenized whole (a 50 MB row took 7 GB and minutes
 to yield 64 tokens): only a prefix long enough to hold more than max_length tokens is, see
 `_tokenize`. Texts that fit are tokenized whole, as before.
+
+`data.overlong` then fits each example to max_length (`fit_blocks`): truncate, drop, error, or
+split. `split` is pre-training: a plain text (format `text`) is cut into consecutive max_length
+blocks, each an example of its own, so no token is dropped. The text is tokenized whole for it (pass
+`max_length=None` to `encode`), and the blocks concatenate to exactly its tokens: BOS (where the
+tokenizer adds one) only at the start of the first block, EOS only at the end of the last, as a
+document cut from a pre-training stream; no BOS/EOS is added per block, which would either add tokens
+the text does not hold or (LLaMA-Factory writes BOS over each block's first token) drop one. A
+conversation or a prompt/completion pair is never split: a reply cut in two is not a reply
+(`refuse_split`).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from dataclasses import dataclass
 from peftcli.data.formats import BadRowError, Example
 from peftcli.data.spans import chat_spans
 from peftcli.data.spans import special_token_ids as special_token_ids  # evaluation imports it from here
+from peftcli.errors import UserError
 
 IGNORE = -100
 # Tokens past what is kept when a long text is tokenized by a prefix: the tokens next to the cut may
@@ -43,6 +54,9 @@ class Encoded:
     truncated: bool = False
     # False when only a prefix was tokenized: the example has more tokens than input_ids holds.
     complete: bool = True
+    # data.overlong: split: this is block `block` (from 1) of the `blocks` its text was cut into.
+    block: int = 1
+    blocks: int = 1
 
     @property
     def trained_tokens(self) -> int:
@@ -120,7 +134,9 @@ def encode(tokenizer, example: Example, train_on: str, max_length: int | None = 
 
 
 def fit_length(item: Encoded, max_length: int, overlong: str) -> Encoded | None:
-    """Apply data.overlong. Returns None when the example is dropped."""
+    """Apply data.overlong truncate or drop. Returns None when the example is dropped."""
+    if overlong == "split":  # one example becomes several: only fit_blocks can return them
+        raise ValueError("data.overlong: split is applied by fit_blocks, not fit_length")
     if len(item.input_ids) <= max_length:
         return item
     if overlong == "drop":
@@ -128,3 +144,45 @@ def fit_length(item: Encoded, max_length: int, overlong: str) -> Encoded | None:
     # overlong == "error" is handled by the caller, which knows how to phrase it for the user.
     cut = Encoded(item.input_ids[:max_length], item.labels[:max_length], item.origin, truncated=True, complete=False)
     return cut if cut.trained_tokens else None
+
+
+def fit_blocks(item: Encoded, max_length: int, overlong: str) -> list[Encoded]:
+    """Apply data.overlong: the examples `item` becomes (several with split; none when dropped)."""
+    if overlong == "split":
+        return split_blocks(item, max_length)
+    fitted = fit_length(item, max_length, overlong)
+    return [] if fitted is None else [fitted]
+
+
+def split_blocks(item: Encoded, max_length: int) -> list[Encoded]:
+    """`item` cut into consecutive blocks of max_length tokens (the last one shorter), which
+    concatenate to exactly its tokens and labels. Needs every token: encode it with max_length=None.
+    A block keeps the labels of its tokens, so a plain text trains every token of every block."""
+    if not item.complete:
+        raise ValueError("split_blocks needs the whole text tokenized: encode it with max_length=None")
+    if len(item.input_ids) <= max_length:
+        return [item]
+    starts = range(0, len(item.input_ids), max_length)
+    return [
+        Encoded(
+            item.input_ids[start : start + max_length],
+            item.labels[start : start + max_length],
+            item.origin,  # the row's own origin: evaluation matches examples to rows by it
+            block=number,
+            blocks=len(starts),
+        )
+        for number, start in enumerate(starts, 1)
+    ]
+
+
+def refuse_split(example: Example, key: str) -> None:
+    """data.overlong: split cuts plain text only: a conversation, or a prompt/completion pair, cut
+    into blocks would train replies cut in two, or blocks of prompt with nothing to learn."""
+    if example.is_chat or example.prompt:
+        what = "a conversation" if example.is_chat else "a prompt/completion pair"
+        raise UserError(
+            f"data.overlong: split: {key}: {example.origin} is {what}; split cuts plain text (format text) into "
+            "max_length blocks, and a reply cut in two is not a reply",
+            hint="use data.overlong: truncate, drop or error for this data, or train the plain text in a recipe of "
+            "its own",
+        )

@@ -8,10 +8,11 @@ what the model trains on.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 from peftcli import console
-from peftcli.data.encode import Encoded, encode, fit_length
+from peftcli.data.encode import Encoded, encode, fit_blocks, refuse_split
 from peftcli.data.formats import (
     BadRowError,
     Example,
@@ -31,6 +32,16 @@ from peftcli.recipe import DataSection, DataSource
 
 _SHOWN_ROWS = 5  # how many skipped row numbers a report lists per reason
 
+# What makes two reasons differ row by row while saying the same thing: numbers (a column, a turn,
+# a character) and quoted text that is not a name (a row's own content; 'prompt' stays).
+_ROW_DETAIL = re.compile(r"\d+|'(?![\w.-]{1,40}')[^']*'")
+
+
+def reason_kind(reason: str) -> str:
+    """`reason` less its row-specific details: the rows skipped for one kind of fault are counted
+    together, so a thousand broken lines make one line of the report, not a thousand."""
+    return _ROW_DETAIL.sub("#", reason)
+
 
 @dataclass
 class SplitStats:
@@ -40,16 +51,38 @@ class SplitStats:
     tokens: int = 0
     trained_tokens: int = 0
     truncated: int = 0
+    split: int = 0  # examples cut into max_length blocks (data.overlong: split); `rows` counts the blocks
     dropped: int = 0
     skipped: int = 0
-    skipped_reasons: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few origins
+    # The first row's reason of each kind of fault -> the first few rows skipped for it, and how many.
+    skipped_reasons: dict[str, list[str]] = field(default_factory=dict)
+    skipped_counts: dict[str, int] = field(default_factory=dict)
     formats: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # reason_kind -> the reason shown for it; not a field, so not written to metrics.json.
+        self._kinds = {reason_kind(reason): reason for reason in self.skipped_reasons}
 
     def skip(self, origin: str, reason: str) -> None:
         self.skipped += 1
-        shown = self.skipped_reasons.setdefault(reason, [])
+        shown_as = self._kinds.setdefault(reason_kind(reason), reason)
+        self.skipped_counts[shown_as] = self.skipped_counts.get(shown_as, 0) + 1
+        shown = self.skipped_reasons.setdefault(shown_as, [])
         if len(shown) < _SHOWN_ROWS:
             shown.append(origin)
+
+    def skipped_lines(self) -> list[str]:
+        """One line per kind of fault: its first row's reason, how many rows, and the first of them."""
+        lines = []
+        for reason, origins in self.skipped_reasons.items():
+            count = self.skipped_counts.get(reason, len(origins))
+            more = f" and {count - len(origins):,} more" if count > len(origins) else ""
+            lines.append(f"{reason}: {count:,} row{'s' if count > 1 else ''} ({', '.join(origins)}{more})")
+        return lines
+
+    def first_skipped(self) -> str:
+        """The first skipped row and its reason, for an error saying that nothing was left."""
+        return next((f"; the first, {rows[0]}: {reason}" for reason, rows in self.skipped_reasons.items()), "")
 
 
 @dataclass
@@ -80,7 +113,7 @@ def read_examples(sources: list[DataSource], data: DataSection, key: str) -> _Ex
         columns_map = source.columns if source.columns is not None else data.columns
         good = [rename_columns(r.values, columns_map) for r in rows if isinstance(r, Row)]
         if not good:
-            raise UserError(f"{where}: {source.path} has no usable rows", hint="check the file is not empty or all bad")
+            raise _no_usable_rows(where, source.path, rows, data.bad_rows)
         named = f"{where} ({source.path})"
         if (source.format or data.format) in ("auto", "alpaca"):
             aliases = alpaca_aliases(set(good[0]), columns_map)
@@ -97,6 +130,7 @@ def read_examples(sources: list[DataSource], data: DataSection, key: str) -> _Ex
             check_columns(fmt, columns, named)
         keys = turn_keys(fmt, columns_map, source.roles if source.roles is not None else data.roles)
         examples = []
+        skipped = SplitStats()  # this source's own, for the error when none of its rows is left
         for row in rows:
             try:
                 if isinstance(row, BadRow):
@@ -110,15 +144,42 @@ def read_examples(sources: list[DataSource], data: DataSection, key: str) -> _Ex
                         hint="fix the row, or set data.bad_rows: skip to skip and count bad rows",
                     ) from None
                 stats.skip(origin, str(exc))
+                skipped.skip(origin, str(exc))
         if not examples:
-            raise UserError(
-                f"{where}: every row of {source.path} was skipped as bad",
-                hint="see the reasons with data.bad_rows: error",
-            )
+            raise _all_bad(where, source.path, skipped)
         stats.formats[fmt] = stats.formats.get(fmt, 0) + len(examples)
         _say_unread(named, fmt, good, keys)
         per_source.append(examples)
     return _Examples(per_source, stats)
+
+
+def _no_usable_rows(where: str, path: str, rows: list[Row | BadRow], bad_rows: str) -> UserError:
+    """The error for a source none of whose rows could be read: why its first row could not (with
+    data.bad_rows: error, as for any bad row), or that it holds no rows at all."""
+    bad = [row for row in rows if isinstance(row, BadRow)]
+    if not bad:
+        return UserError(
+            f"{where}: {path} has no usable rows: it holds no rows at all (only blank lines, or a header alone)",
+            hint="add rows to it, or remove it from the recipe",
+        )
+    if bad_rows == "error":
+        return UserError(
+            f"{where}: {bad[0].origin}: {bad[0].reason}",
+            hint="fix the row, or set data.bad_rows: skip to skip and count bad rows",
+        )
+    skipped = SplitStats()
+    for row in bad:
+        skipped.skip(row.origin, row.reason)
+    return _all_bad(where, path, skipped)
+
+
+def _all_bad(where: str, path: str, skipped: SplitStats) -> UserError:
+    """data.bad_rows: skip has skipped every row of a source: why the first one is bad."""
+    count = "its one row" if skipped.skipped == 1 else f"all {skipped.skipped:,} rows"
+    return UserError(
+        f"{where}: every row of {path} was skipped as bad ({count}, data.bad_rows: skip){skipped.first_skipped()}",
+        hint="fix the rows; data.bad_rows: error stops at the first bad row with its reason",
+    )
 
 
 def _say_unread(where: str, fmt: str, rows: list[dict], keys) -> None:
@@ -176,15 +237,28 @@ def _mix(per_source: list[list[Example]], sources: list[DataSource], seed: int) 
     return mixed
 
 
+def split_train(per_source: list[list[Example]], data: DataSection, seed: int) -> tuple[list[Example], list[Example]]:
+    """The examples training takes from data.train's sources (read in order): data.eval_split held
+    out, then the sources mixed by weight; and the held-out rows. `tune` counts its steps from these."""
+    held: list[Example] = []
+    if data.eval_split is not None:
+        per_source, held = _hold_out(per_source, data.eval_split, seed)
+    return _mix(per_source, data.train, seed), held
+
+
 def _needs_chat(per_source: list[list[Example]]) -> bool:
     return any(e.is_chat for examples in per_source for e in examples)
 
 
 def _encode_all(examples: list[Example], tokenizer, data: DataSection, stats: SplitStats, key: str) -> list[Encoded]:
     out: list[Encoded] = []
+    split = data.overlong == "split"
     for example in examples:
+        if split:
+            refuse_split(example, key)
         try:
-            item = encode(tokenizer, example, data.train_on, data.max_length)
+            # split trains every token, so it needs them all; the others need only what max_length keeps
+            item = encode(tokenizer, example, data.train_on, None if split else data.max_length)
         except BadRowError as exc:
             if data.bad_rows == "error":
                 raise UserError(f"{key}: {example.origin}: {exc}", hint="or set data.bad_rows: skip") from None
@@ -197,28 +271,34 @@ def _encode_all(examples: list[Example], tokenizer, data: DataSection, stats: Sp
                 f"{key}: {example.origin}: {count}, over data.max_length {data.max_length}",
                 hint="raise data.max_length, or set data.overlong: truncate | drop",
             )
-        fitted = fit_length(item, data.max_length, data.overlong)
-        if fitted is None:
+        pieces = fit_blocks(item, data.max_length, data.overlong)
+        if not pieces:
             stats.dropped += 1
             continue
-        stats.truncated += fitted.truncated
-        stats.rows += 1
-        stats.tokens += len(fitted.input_ids)
-        stats.trained_tokens += fitted.trained_tokens
-        out.append(fitted)
+        stats.split += len(pieces) > 1
+        for fitted in pieces:
+            stats.truncated += fitted.truncated
+            stats.rows += 1
+            stats.tokens += len(fitted.input_ids)
+            stats.trained_tokens += fitted.trained_tokens
+            out.append(fitted)
     if not out:
         raise UserError(
-            f"{key}: no usable examples left (dropped {stats.dropped}, skipped {stats.skipped})",
+            f"{key}: no usable examples left (dropped {stats.dropped}, skipped {stats.skipped})"
+            + stats.first_skipped(),
             hint="check data.max_length and data.overlong, or the data itself",
         )
     return out
 
 
-def prepare_data(data: DataSection, tokenizer, seed: int, eval_only: list[DataSource] | None = None) -> PreparedData:
-    """Everything the trainer (or `eval --data`) needs from the data section."""
+def prepare_data(
+    data: DataSection, tokenizer, seed: int, eval_only: list[DataSource] | None = None, eval_key: str = "data.eval"
+) -> PreparedData:
+    """Everything the trainer (or `eval --data`) needs from the data section. `eval_key` names the eval
+    sources in errors: `eval --reference FILE` is no `data.eval`."""
     train_read = None if eval_only else read_examples(data.train, data, "data.train")
     eval_sources = eval_only or data.eval
-    eval_read = read_examples(eval_sources, data, "data.eval") if eval_sources else None
+    eval_read = read_examples(eval_sources, data, eval_key) if eval_sources else None
 
     chat = any(r is not None and _needs_chat(r.per_source) for r in (train_read, eval_read))
     template = resolve_template(data.chat_template, tokenizer) if chat or data.chat_template != "auto" else None
@@ -227,10 +307,7 @@ def prepare_data(data: DataSection, tokenizer, seed: int, eval_only: list[DataSo
     eval_examples: list[Example] = []
     eval_stats = eval_read.stats if eval_read else SplitStats()
     if train_read is not None:
-        per_source = train_read.per_source
-        if data.eval_split is not None:
-            per_source, eval_examples = _hold_out(per_source, data.eval_split, seed)
-        train_examples = _mix(per_source, data.train, seed)
+        train_examples, eval_examples = split_train(train_read.per_source, data, seed)
         if template is not None:  # generation prompts in the thinking mode of the trained rows
             template = thinking_from_data(tokenizer, template, train_examples)
     if eval_read is not None:
@@ -238,5 +315,5 @@ def prepare_data(data: DataSection, tokenizer, seed: int, eval_only: list[DataSo
 
     train_stats = train_read.stats if train_read else SplitStats()
     train = _encode_all(train_examples, tokenizer, data, train_stats, "data.train") if train_read else []
-    evaluation = _encode_all(eval_examples, tokenizer, data, eval_stats, "data.eval") if eval_examples else []
+    evaluation = _encode_all(eval_examples, tokenizer, data, eval_stats, eval_key) if eval_examples else []
     return PreparedData(train, evaluation, template, train_stats, eval_stats, eval_examples)

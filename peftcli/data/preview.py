@@ -87,7 +87,7 @@ def stats_table(data: PreparedData, batch_size: int, seed: int, packing: bool) -
     for name, _, _ in splits:
         table.add_column(name, justify="right")
     rows: dict[str, list[str]] = {
-        key: [] for key in ("rows", "tokens", "trained_tokens", "truncated", "dropped", "skipped")
+        key: [] for key in ("rows", "tokens", "trained_tokens", "truncated", "split", "dropped", "skipped")
     }
     for _, stats, _ in splits:
         for key in rows:
@@ -118,10 +118,11 @@ def show(
         out_console.rule(
             f"{item.origin}: {len(item.input_ids)} tokens, {item.trained_tokens} trained"
             + (" (truncated)" if item.truncated else "")
+            + (f" (block {item.block} of {item.blocks})" if item.blocks > 1 else "")
         )
         out_console.print(render_example(tokenizer, item, marks))
     out_console.rule()
     out_console.print(stats_table(data, batch_size, recipe.training.seed, packing))
     for name, stats in (("train", data.train_stats), ("eval", data.eval_stats)):
-        for reason, origins in stats.skipped_reasons.items():
-            out_console.print(f"skipped ({name}): {reason}: {', '.join(origins)}", markup=False)
+        for line in stats.skipped_lines():  # one per kind of fault, with its count: not one per row
+            out_console.print(f"skipped ({name}): {line}", markup=False)

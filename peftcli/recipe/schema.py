@@ -145,8 +145,8 @@ class DataSection(Strict):
         description="Pack examples into padding-free rows (no cross-attention). auto = on a CUDA GPU for methods "
         "that allow it; off on CPU.",
     )
-    overlong: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="What to do with examples longer than max_length."
+    overlong: Literal["truncate", "drop", "error", "split"] = Field(
+        "truncate", description="Examples longer than max_length; split cuts plain text into max_length blocks."
     )
     bad_rows: Literal["error", "skip"] = Field("error", description="Malformed rows: stop, or skip and count.")
 
@@ -337,6 +337,12 @@ class Recipe(Strict):
             raise ValueError(
                 f"peft.method '{self.peft.method}' cannot train on a quantized base ({method.why_no_quantized_base}); "
                 "remove the quantization section"
+            )
+        chats = {s.format or data.format for s in [*data.train, *(data.eval or [])]} - {"auto", "text"}
+        if data.overlong == "split" and chats:  # one detected from its columns is refused when read
+            raise ValueError(
+                f"data.overlong: split cuts plain text into max_length blocks, and a source is format {min(chats)}: "
+                "a reply cut in two is not a reply; use truncate, drop or error, or a recipe of the text alone"
             )
         if self.data.packing is True and not method.packing:
             raise ValueError(

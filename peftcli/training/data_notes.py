@@ -12,12 +12,17 @@ def report_data(setup: Setup, trainer, recipe: Recipe) -> None:
     """Say what the data stage did that the user may not expect: skips, drops, packing."""
     for name, stats in (("train", setup.data.train_stats), ("eval", setup.data.eval_stats)):
         if stats.skipped:
-            reasons = "; ".join(f"{reason} ({', '.join(rows)})" for reason, rows in stats.skipped_reasons.items())
+            reasons = "; ".join(stats.skipped_lines())
             cli_console.warn(f"data.{name}: skipped {stats.skipped} bad rows (data.bad_rows: skip): {reasons}")
         if stats.dropped or stats.truncated:
             cli_console.note(
                 f"data.{name}: {stats.truncated} examples truncated, {stats.dropped} dropped "
                 f"(longer than data.max_length {recipe.data.max_length}, data.overlong: {recipe.data.overlong})"
+            )
+        if stats.split:
+            cli_console.note(
+                f"data.{name}: {stats.split} texts longer than data.max_length {recipe.data.max_length} cut into "
+                f"blocks (data.overlong: split): {stats.rows} examples, no token dropped"
             )
     if setup.settings.packing:
         cli_console.note(describe_packing(trainer, setup))
