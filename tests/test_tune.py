@@ -153,3 +153,51 @@ def test_a_study_prunes_resumes_after_an_interruption_and_writes_a_best_recipe(c
     (out / "mine.txt").write_text("not tune's")
     refused = cli(*command, "--overwrite")
     assert refused.code == 2 and "mine.txt" in refused.err and (out / "trial-000").is_dir()
+
+
+def _load(tmp_path, recipe: dict):
+    from peftcli.recipe import load_recipe
+
+    return load_recipe(write_recipe(tmp_path / "searched.yaml", recipe))
+
+
+@pytest.mark.parametrize(("recipe_method", "trial_method"), [("lora", "full"), ("full", "lora")])
+def test_a_trial_of_another_method_trains_at_its_learning_rate(tmp_path, tiny_model, recipe_method, trial_method):
+    """A recipe that leaves training.learning_rate to the method: a trial that switches method takes
+    the new method's rate (full fine-tuning at LoRA's 2e-4 would wreck the base), unless it samples one."""
+    from peftcli.methods import REGISTRY
+    from peftcli.tune.space import with_params
+
+    recipe = base_recipe(tiny_model, tmp_path / "run")
+    recipe["peft"] = {"method": recipe_method}
+    del recipe["training"]["learning_rate"]
+    searched = _load(tmp_path, recipe)
+    assert REGISTRY["full"].learning_rate == 2e-5 != REGISTRY["lora"].learning_rate
+    for method in (recipe_method, trial_method):
+        trial = with_params(searched, {"peft.method": method})
+        assert trial.training.learning_rate == REGISTRY[method].learning_rate, method
+    sampled = with_params(searched, {"peft.method": trial_method, "training.learning_rate": 3e-3})
+    assert sampled.training.learning_rate == 3e-3
+
+
+def test_a_trial_evaluates_on_the_steps_training_will_take(tmp_path, tiny_model, tokenizer):
+    """tune spreads EVALS_PER_TRIAL evaluations over a trial's steps, counted as training counts them:
+    30 rows less the 3 that data.eval_split holds out are 27, in steps of 4 that is 7 a epoch (the
+    last one partial), 14 over 2 epochs: evaluations every 2 steps (not 30 * 2 / 4 = 15 steps, every 3)."""
+    from peftcli.data import prepare_data
+    from peftcli.training.settings import resolve
+    from peftcli.training.setup import planned_steps
+    from peftcli.tune.study import EVALS_PER_TRIAL, eval_every, trial_steps
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(DEMO_TRAIN.read_text().splitlines(keepends=True)[:30]))
+    recipe = base_recipe(tiny_model, tmp_path / "run", data={"train": str(train), "eval_split": 0.1})
+    del recipe["data"]["eval"], recipe["training"]["max_steps"], recipe["training"]["save_steps"]
+    recipe["training"].update(epochs=2, batch_size=4)
+    searched = _load(tmp_path, recipe)
+    settings = resolve(searched, cuda=False)
+    rows = len(prepare_data(searched.data, tokenizer, searched.training.seed).train)
+    trained = planned_steps(searched.training, rows, settings.batch_size * settings.gradient_accumulation)
+    assert (rows, trained) == (27, 14)
+    assert eval_every(searched, "eval_loss") == trained // EVALS_PER_TRIAL == 2
+    assert trial_steps(searched) == trained

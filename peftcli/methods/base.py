@@ -183,6 +183,12 @@ class Method:
                 "given when (and only when) quantized_base is False"
             )
 
+    def trainable_percent(self, trainable: int, base_params: int) -> float:
+        """`trainable` as a % of all parameters, as PEFT and the run report count them: an adapter's
+        parameters come on top of the base's `base_params`; `full`/`freeze` train the base's own."""
+        total = base_params if self.saves_full_model else base_params + trainable
+        return 100 * trainable / max(total, 1)
+
     def keys(self) -> dict[str, Any]:
         """The recipe keys this method takes, with their defaults (as `method: <name>` resolves them)."""
         defaults = self.spec.model_validate({self.spec.tag_field: self.name}).model_dump()

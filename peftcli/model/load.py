@@ -264,10 +264,7 @@ def trainable_share(model_path: str) -> dict[str, str]:
         except (UserError, ValueError) as exc:
             shares[name] = f"n/a ({getattr(exc, 'message', exc)})"
             continue
-        # As peft counts it: the adapter's parameters come on top of the base's; `full`/`freeze` train
-        # the base's own.
-        total = base if method.saves_full_model else base + trainable
-        shares[name] = f"{trainable:,} ({100 * trainable / max(total, 1):.3f} %)"
+        shares[name] = f"{trainable:,} ({method.trainable_percent(trainable, base):.3f} %)"
     return shares
 
 

@@ -20,6 +20,7 @@ from peftcli.model.device import compute_dtype
 from peftcli.model.load import load_model, load_tokenizer, prepare_for_training, quiet_libraries
 from peftcli.model.speed import Settings
 from peftcli.recipe import Recipe
+from peftcli.recipe.schema import TrainingSection
 
 
 @dataclass
@@ -36,13 +37,14 @@ class Setup:
     settings: Settings
 
 
-def planned_steps(recipe: Recipe, train_rows: int, settings: Settings) -> int:
-    """Optimizer steps the run will take: max_steps, or the epochs' worth of batches."""
-    t = recipe.training
-    if t.max_steps:
-        return t.max_steps
-    per_epoch = max(1, math.ceil(train_rows / (settings.batch_size * settings.gradient_accumulation)))
-    return max(1, math.ceil(per_epoch * t.effective_epochs))
+def planned_steps(training: TrainingSection, train_rows: int, examples_per_step: int) -> int:
+    """Optimizer steps a run takes: max_steps, or the epochs' worth of steps of `examples_per_step`
+    over `train_rows` (a last, partial step per epoch counts). The one home of this rule: the method
+    (AdaLoRA's schedule) and `tune` (how often a trial evaluates) plan with it."""
+    if training.max_steps:
+        return training.max_steps
+    per_epoch = max(1, math.ceil(train_rows / examples_per_step))
+    return max(1, math.ceil(per_epoch * training.effective_epochs))
 
 
 class LoadingStatus:
@@ -110,7 +112,9 @@ def build_setup(recipe: Recipe, status: LoadingStatus | None = None) -> Setup:
     scratch = tempfile.TemporaryDirectory(prefix="peftcli-")
     ctx = MethodContext(
         tokenizer_path=recipe.model.tokenizer or recipe.model.name,
-        total_steps=planned_steps(recipe, len(data.train), settings),
+        total_steps=planned_steps(
+            recipe.training, len(data.train), settings.batch_size * settings.gradient_accumulation
+        ),
         scratch_dir=Path(scratch.name),
     )
     status.phase(f"applying {method.name}")

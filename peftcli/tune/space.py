@@ -6,12 +6,12 @@ against the recipe the way `--set` is before anything trains, so a wrong key or 
 
 A trial's recipe is the recipe with the trial's values set as `--set` would set them. Searching
 `peft.method` gives a trial whose method differs from the recipe's that method's defaults (as
-`peftcli compare` does), plus the searched peft keys it takes.
+`peftcli compare` does), plus the searched peft keys it takes, and that method's learning rate when
+the recipe leaves training.learning_rate unset.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -23,6 +23,7 @@ from peftcli.errors import UserError
 from peftcli.methods import REGISTRY
 from peftcli.recipe import Recipe
 from peftcli.recipe.load import RawRecipe, apply_overrides, validate
+from peftcli.recipe.schema import recipe_data
 from peftcli.recipe.yaml_guard import YamlProblem, load_checked
 
 FORMS = "a YAML list of choices like [4, 8, 16], int(lo, hi), float(lo, hi) or log(lo, hi)"
@@ -136,10 +137,10 @@ def with_params(recipe: Recipe, params: dict[str, Any], out: Path | None = None,
     """`recipe` with the searched values set as `--set` sets them (paths resolved against the current
     folder), `extra` keys on top (tune's own, e.g. eval_steps), and output.dir `out` if given.
     Raises the UserError of `--set`, without its file name."""
-    data = copy.deepcopy(recipe.model_dump(mode="json"))
     method = params.get(METHOD_KEY)
-    if method is not None and method != recipe.peft.method and method in REGISTRY:
-        data["peft"] = {"method": method}
+    # Another method starts from its defaults, and from its own learning rate where the recipe left
+    # it unset (as `compare` does); a searched training.learning_rate is set below either way.
+    data = recipe_data(recipe, method if method in REGISTRY else recipe.peft.method)
     overrides = []
     for key, value in {**params, **(extra or {})}.items():
         if key == METHOD_KEY:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -58,20 +57,31 @@ def check_metric(recipe: Recipe, metric: str) -> None:
 
 def eval_every(recipe: Recipe, metric: str) -> int | None:
     """training.eval_steps for the trials, so the pruner has eval losses to judge: the recipe's own,
-    or about EVALS_PER_TRIAL per trial (from max_steps, or the epochs over the training rows)."""
-    t = recipe.training
-    if metric != "eval_loss" or t.eval_steps is not None:
+    or about EVALS_PER_TRIAL per trial."""
+    if metric != "eval_loss" or recipe.training.eval_steps is not None:
         return None
-    if t.max_steps:
-        steps = t.max_steps
-    else:
-        from peftcli.data.pipeline import read_examples
+    return max(1, trial_steps(recipe) // EVALS_PER_TRIAL)
 
-        local = [s for s in recipe.data.train if Path(s.path).is_absolute()]
-        rows = sum(len(e) for e in read_examples(local, recipe.data, "data.train").per_source) if local else 0
-        per_step = t.batch_size * t.gradient_accumulation if isinstance(t.batch_size, int) else t.target_batch
-        steps = max(1, math.ceil(rows * t.effective_epochs / per_step))
-    return max(1, steps // EVALS_PER_TRIAL)
+
+def trial_steps(recipe: Recipe) -> int:
+    """The steps a trial of `recipe` trains, counted as training counts them (training.setup) from
+    the rows it trains on: data.eval_split held out and the sources mixed. A hub source's rows are
+    read only when training, so they are not counted here; with batch_size: auto, a step is the
+    effective batch it keeps."""
+    from peftcli.data.pipeline import read_examples, split_train
+    from peftcli.training.setup import planned_steps
+
+    t, data = recipe.training, recipe.data
+    rows = 0
+    if not t.max_steps:
+        local = [s for s in data.train if Path(s.path).is_absolute()]
+        read = read_examples(local, data, "data.train").per_source if local else []
+        if local and len(local) == len(data.train):
+            rows = len(split_train(read, data, t.seed)[0])
+        else:
+            rows = sum(len(examples) for examples in read)
+    per_step = t.batch_size * t.gradient_accumulation if isinstance(t.batch_size, int) else t.target_batch
+    return planned_steps(t, rows, per_step)
 
 
 def _signature(recipe: Recipe, dims: list[Dimension], metric: str) -> dict:
